@@ -1,0 +1,119 @@
+"""Multiply-accumulate (MAC) accounting, DESIGN 1.5.
+
+A conv costs ``Cin_active * Cout_active * k*k * Hout * Wout``; a gate costs its
+pooling (one add per input element it reads) and its two fc layers.  BN, ReLU,
+max-pooling and residual adds are not counted.  The deployment engine reports
+per-instance MACs with the same functions (:func:`block_macs`), so training-side
+and deployed numbers agree exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MacCount", "conv_out_size", "gate_macs", "block_macs", "stem_macs", "head_macs",
+           "dense_macs", "count_macs", "flops_reduction"]
+
+Number = Union[int, torch.Tensor]
+
+
+class MacCount(NamedTuple):
+    """Per-instance MACs of a gated model (gates included) and the dense count."""
+
+    per_instance: torch.Tensor  # (N,) float64
+    dense: int
+
+    @property
+    def reduction(self) -> float:
+        """``1 - mean_i(dynamic_i) / dense``."""
+        return flops_reduction(self.per_instance, self.dense)
+
+
+def flops_reduction(per_instance: torch.Tensor, dense: int) -> float:
+    return 1.0 - float(per_instance.double().mean()) / float(dense)
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def gate_macs(gate: nn.Module, active_in: Number, h: int, w: int) -> Number:
+    """Pooling over ``active_in`` input channels of ``h x w`` plus both fc layers."""
+    hidden = gate.fc1.out_features
+    return active_in * h * w + gate.in_channels * hidden + hidden * gate.out_channels
+
+
+def block_macs(block: nn.Module, h: int, w: int, active1: Number = None, active2: Number = None,
+               gates: bool = True) -> Tuple[Number, int, int]:
+    """MACs of one basic block on an ``h x w`` input, and its output size.
+
+    ``active1``/``active2`` are the active output-channel counts of conv1/conv2
+    (ints or per-instance tensors); ``None`` means every channel (dense).
+    Returns ``(macs, h_out, w_out)``.
+    """
+    cin, planes = block.conv1.in_channels, block.conv1.out_channels
+    a1 = planes if active1 is None else active1
+    a2 = planes if active2 is None else active2
+    ho, wo = conv_out_size(h, 3, block.stride, 1), conv_out_size(w, 3, block.stride, 1)
+    macs = cin * a1 * 9 * ho * wo + a1 * a2 * 9 * ho * wo
+    if block.downsample is not None:
+        macs = macs + cin * planes * ho * wo
+    if gates and getattr(block, "gated", False):
+        macs = macs + gate_macs(block.gate1, cin, h, w) + gate_macs(block.gate2, a1, ho, wo)
+    return macs, ho, wo
+
+
+def stem_macs(model: nn.Module, h: int, w: int) -> Tuple[int, int, int]:
+    """MACs of the dense stem and the feature-map size it produces."""
+    conv = model.conv1
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    ho, wo = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
+    macs = conv.in_channels * conv.out_channels * k * k * ho * wo
+    if getattr(model, "kind", "cifar") == "imagenet":
+        ho, wo = conv_out_size(ho, 3, 2, 1), conv_out_size(wo, 3, 2, 1)
+    return macs, ho, wo
+
+
+def head_macs(model: nn.Module) -> int:
+    return model.fc.in_features * model.fc.out_features
+
+
+def dense_macs(model: nn.Module, input_size: Tuple[int, int]) -> int:
+    """MACs of the dense network (no gates) for one ``(H, W)`` input."""
+    total, h, w = stem_macs(model, *input_size)
+    for blk in model.blocks():
+        macs, h, w = block_macs(blk, h, w, gates=False)
+        total += macs
+    return int(total + head_macs(model))
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, x: torch.Tensor) -> MacCount:
+    """Per-instance MACs of ``model`` on batch ``x`` (eval-mode gates), and the dense count.
+
+    For a dense model every instance costs the dense count.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected an (N, C, H, W) batch; got shape {tuple(x.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        _, records = model(x, return_gates=True)
+    finally:
+        model.train(was_training)
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    total, h, w = stem_macs(model, h, w)
+    per = torch.full((n,), float(total + head_macs(model)), dtype=torch.float64)
+    it = iter(records)
+    for blk in model.blocks():
+        if getattr(blk, "gated", False):
+            a1 = (next(it).mask > 0).sum(1).double().cpu()
+            a2 = (next(it).mask > 0).sum(1).double().cpu()
+            macs, h, w = block_macs(blk, h, w, a1, a2)
+        else:
+            macs, h, w = block_macs(blk, h, w)
+        per += macs
+    return MacCount(per, dense_macs(model, tuple(x.shape[-2:])))

@@ -1,0 +1,69 @@
+"""Build and install manidp.
+
+The C++ extension ``manidp._C`` is built from ``csrc/*.cpp`` always, and from
+``csrc/cuda/*.cu`` where nvcc and a CUDA build of torch are present
+(``MANIDP_BUILD_CUDA=1`` forces the CUDA part, ``MANIDP_BUILD_CUDA=0`` skips it).
+Triton kernels live in ``kernels/`` and install as ``manidp.kernels``.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("MANIDP_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only invocations (e.g. egg_info without torch)
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    kw = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    if _want_cuda() and cu:
+        cuda_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if not cuda_arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # H100; override for other GPUs
+        ext = CUDAExtension("manidp._C", cpp + cu, define_macros=[("MANIDP_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                            **kw)
+    else:
+        ext = CppExtension("manidp._C", cpp, extra_compile_args={"cxx": cxx}, **kw)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="manidp",
+    version="0.1.0",
+    description="Manifold Regularized Dynamic Network Pruning: training and fast deployment",
+    python_requires=">=3.9",
+    packages=["manidp", "manidp.deploy", "manidp.kernels"],
+    package_dir={"manidp.kernels": "kernels"},
+    package_data={"manidp": ["assets/*"]},
+    install_requires=["torch>=2.4", "torchvision", "tqdm", "numpy", "matplotlib"],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": [
+        "manidp-train=manidp.train:main",
+        "manidp-bench=manidp.bench:main",
+        "manidp-flops=manidp.flops_cli:main",
+    ]},
+)
