@@ -1,0 +1,12 @@
+"""ManiDP: Manifold Regularized Dynamic Network Pruning, trained and deployed fast.
+
+``manidp.models``  gated and dense ResNets;  ``manidp.losses``  the ManiDP losses;
+``manidp.train``   the trainer and ``manidp-train``;  ``manidp.flops`` MAC accounting;
+``manidp.deploy``  compile a trained model into a :class:`DynamicResNet` engine.
+"""
+
+__version__ = "0.1.0"
+
+from .deploy import DynamicResNet, compile  # noqa: E402
+
+__all__ = ["DynamicResNet", "compile", "__version__"]

@@ -14,7 +14,7 @@ from typing import NamedTuple, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["MacCount", "conv_out_size", "gate_macs", "block_macs", "stem_macs", "head_macs",
+__all__ = ["MacCount", "conv_out_size", "block_macs_from_dims", "block_macs", "stem_macs", "head_macs",
            "dense_macs", "count_macs", "flops_reduction"]
 
 Number = Union[int, torch.Tensor]
@@ -40,30 +40,36 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def gate_macs(gate: nn.Module, active_in: Number, h: int, w: int) -> Number:
-    """Pooling over ``active_in`` input channels of ``h x w`` plus both fc layers."""
-    hidden = gate.fc1.out_features
-    return active_in * h * w + gate.in_channels * hidden + hidden * gate.out_channels
+def block_macs_from_dims(cin: int, planes: int, stride: int, has_shortcut: bool, h: int, w: int,
+                         active1: Number = None, active2: Number = None,
+                         gate_hidden: Tuple[int, int] = None) -> Tuple[Number, int, int]:
+    """MACs of one basic block described by its sizes; the single formula behind every count.
+
+    ``active1``/``active2`` are the active output-channel counts of conv1/conv2
+    (ints or per-instance tensors); ``None`` means every channel.  ``gate_hidden``
+    holds the hidden widths of (gate1, gate2); ``None`` means an ungated block.
+    Returns ``(macs, h_out, w_out)``.
+    """
+    a1 = planes if active1 is None else active1
+    a2 = planes if active2 is None else active2
+    ho, wo = conv_out_size(h, 3, stride, 1), conv_out_size(w, 3, stride, 1)
+    macs = cin * a1 * 9 * ho * wo + a1 * a2 * 9 * ho * wo
+    if has_shortcut:
+        macs = macs + cin * planes * ho * wo
+    if gate_hidden is not None:
+        h1, h2 = gate_hidden
+        macs = macs + (cin * h * w + cin * h1 + h1 * planes)      # gate1: pool x, fc1, fc2
+        macs = macs + (a1 * ho * wo + planes * h2 + h2 * planes)  # gate2: pool compact a, fc1, fc2
+    return macs, ho, wo
 
 
 def block_macs(block: nn.Module, h: int, w: int, active1: Number = None, active2: Number = None,
                gates: bool = True) -> Tuple[Number, int, int]:
-    """MACs of one basic block on an ``h x w`` input, and its output size.
-
-    ``active1``/``active2`` are the active output-channel counts of conv1/conv2
-    (ints or per-instance tensors); ``None`` means every channel (dense).
-    Returns ``(macs, h_out, w_out)``.
-    """
-    cin, planes = block.conv1.in_channels, block.conv1.out_channels
-    a1 = planes if active1 is None else active1
-    a2 = planes if active2 is None else active2
-    ho, wo = conv_out_size(h, 3, block.stride, 1), conv_out_size(w, 3, block.stride, 1)
-    macs = cin * a1 * 9 * ho * wo + a1 * a2 * 9 * ho * wo
-    if block.downsample is not None:
-        macs = macs + cin * planes * ho * wo
-    if gates and getattr(block, "gated", False):
-        macs = macs + gate_macs(block.gate1, cin, h, w) + gate_macs(block.gate2, a1, ho, wo)
-    return macs, ho, wo
+    """MACs of a :class:`manidp.models.BasicBlock` on an ``h x w`` input, and its output size."""
+    gated = gates and getattr(block, "gated", False)
+    hidden = (block.gate1.fc1.out_features, block.gate2.fc1.out_features) if gated else None
+    return block_macs_from_dims(block.conv1.in_channels, block.conv1.out_channels, block.stride,
+                                block.downsample is not None, h, w, active1, active2, hidden)
 
 
 def stem_macs(model: nn.Module, h: int, w: int) -> Tuple[int, int, int]:

@@ -1,0 +1,63 @@
+"""``compile``: a trained gated model or checkpoint file -> :class:`DynamicResNet`."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..models import build_model, load_dense_state_dict
+from .engine import DynamicResNet, EngineFormatError
+
+__all__ = ["compile", "model_from_checkpoint"]
+
+
+def model_from_checkpoint(path: str) -> nn.Module:
+    """Rebuild the gated model stored in a ``manidp-train`` checkpoint file.
+
+    The file must hold ``arch`` and a state dict (``state_dict`` or ``model``);
+    ``num_classes`` and ``in_channels`` are read from it or inferred from the weights.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EngineFormatError(f"{path!r} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise EngineFormatError(f"{path!r} does not hold a checkpoint dictionary")
+    state = ckpt.get("state_dict", ckpt.get("model"))
+    arch = ckpt.get("arch")
+    if not isinstance(state, dict) or not isinstance(arch, str):
+        raise EngineFormatError(f"{path!r} is not a manidp-train checkpoint (needs 'arch' and 'state_dict')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not arch.startswith("dy"):
+        arch = "dy" + arch
+    num_classes = int(ckpt.get("num_classes", state["fc.weight"].shape[0]))
+    in_channels = int(ckpt.get("in_channels", state["conv1.weight"].shape[1]))
+    model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
+    missing = load_dense_state_dict(model, state)
+    if any(".gate" in k for k in missing):
+        raise EngineFormatError(f"{path!r} holds a dense model; train it with ManiDP before compiling")
+    return model.eval()
+
+
+def compile(model: Union[nn.Module, str], backend: str = "auto", device: Union[str, torch.device] = "cpu",
+            dtype: Optional[torch.dtype] = None, preprocess: Optional[dict] = None) -> DynamicResNet:
+    """Compile a gated model (or a checkpoint file) into a :class:`DynamicResNet`.
+
+    BN is folded into the convs; gate weights and thresholds are kept.
+    ``backend="auto"`` picks the fastest backend available on ``device``.
+    ``preprocess`` (optional) records how raw images become inputs
+    (``{"scale": 255, "mean": [...], "std": [...], "pad": 2}``), used by
+    :meth:`DynamicResNet.preprocess`.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model = model_from_checkpoint(os.fspath(model))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile() takes a gated model or a checkpoint path; got {type(model).__name__}")
+    engine = DynamicResNet.from_model(model, backend="reference", preprocess=preprocess)
+    engine._backend_name = backend
+    return engine.to(device=device, dtype=dtype)
