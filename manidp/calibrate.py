@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,73 +22,134 @@ __all__ = ["calibrate_bn", "calibrate_keep_ratio", "calibrate_target_macs", "mid
 
 
 def midpoint_threshold(g: torch.Tensor, keep: float) -> float:
-    """A threshold keeping about ``keep`` of the positive entries of ``g``, midway between values."""
+    """A threshold keeping about ``keep`` of the positive entries of ``g``.
+
+    It sits in the middle of the widest gap between neighbouring values near the
+    requested quantile, so that rounding differences between implementations
+    cannot move an instance across it.
+    """
     v = g.detach().flatten().float().sort(descending=True).values
     v = v[v > 0]
     if v.numel() == 0 or keep <= 0:
         return float("inf")
-    k = min(max(int(round(keep * v.numel())), 1), v.numel())
-    if k == v.numel():
+    n = v.numel()
+    k = min(max(int(round(keep * n)), 1), n)
+    if k == n:
         return float(v[-1]) / 2.0
-    return float(v[k - 1] + v[k]) / 2.0
+    lo, hi = max(k - max(n // 50, 1), 1), min(k + max(n // 50, 1), n - 1)
+    ks = torch.arange(lo, hi + 1)
+    gaps = (v[ks - 1] - v[ks]) / v[ks - 1]
+    best = int(ks[int(gaps.argmax())])
+    return float(v[best - 1] + v[best]) / 2.0
+
+
+def _top_mean(g: torch.Tensor, keep: Optional[float]) -> float:
+    """Mean of the positive gate values a threshold at ``keep`` would pass (all positive if None)."""
+    v = g[g > 0].flatten().sort(descending=True).values
+    if keep is not None:
+        v = v[: max(int(round(keep * v.numel())), 1)]
+    return float(v.mean()) if v.numel() else 0.0
+
+
+def _patch_gates(gates, method: str, make):
+    """Temporarily replace ``method`` of each gate by ``make(gate, original)``; returns an undo."""
+    for gate in gates:
+        setattr(gate, method, types.MethodType(make(gate, getattr(gate, method)), gate))
+
+    def undo():
+        for gate in gates:
+            delattr(gate, method)  # drop the instance attribute, back to the class method
+    return undo
+
+
+def _unit_mean(keep: Optional[float]):
+    def make(gate, original):
+        """gate_values that first rescales fc2 so the gate values it will keep average 1."""
+        def gate_values(self, pooled):
+            g = original(pooled)
+            mean = _top_mean(g, keep)
+            if mean > 0:
+                self.fc2.weight.mul_(1.0 / mean)
+                self.fc2.bias.mul_(1.0 / mean)
+                g = original(pooled)
+            return g
+        return gate_values
+    return make
+
+
+def _at_keep(keep: float):
+    def make(gate, original):
+        def active(self, g):
+            self.threshold.fill_(midpoint_threshold(g, keep))
+            return original(g)
+        return active
+    return make
 
 
 @torch.no_grad()
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
-    """Set BN running statistics to those of batch ``x`` (for random-weight models).
-
-    A freshly initialised deep ResNet has unit running variances, so eval-mode
-    activations grow block after block and overflow; data statistics keep a
-    random model's features, gates and timings realistic.  Gate statistics
-    (``mask_sum``) are left as they were.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(bn.momentum, bn.training) for bn in bns]
-    sums = [g.mask_sum.clone() for g in model.gates()] if hasattr(model, "gates") else []
+def _calibration_pass(model: nn.Module, x: torch.Tensor, keep: Optional[float], bn: bool,
+                      gate_scale: bool) -> None:
+    """One eval forward pass in which, in forward order, BN statistics (``bn``), gate scales
+    (``gate_scale``) and thresholds (``keep``) are set from what each layer sees."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)] if bn else []
+    saved = [(m.momentum, m.training) for m in bns]
+    gates = list(model.gates())
+    sums = [g.mask_sum.clone() for g in gates]
+    undos = []
+    if gate_scale:
+        undos.append(_patch_gates(gates, "gate_values", _unit_mean(keep)))
+    if keep is not None:
+        undos.append(_patch_gates(gates, "active", _at_keep(keep)))
     was_training = model.training
     model.eval()
     try:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average: one batch sets the statistics exactly
-            bn.train()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch sets the statistics exactly
+            m.train()
         model(x)
     finally:
-        for bn, (momentum, training) in zip(bns, saved):
-            bn.momentum = momentum
-            bn.train(training)
-        for g, s in zip(model.gates() if sums else [], sums):
+        for undo in undos:
+            undo()
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+        for g, s in zip(gates, sums):
             g.mask_sum.copy_(s)
         model.train(was_training)
 
 
-@torch.no_grad()
-def calibrate_keep_ratio(model: nn.Module, x: torch.Tensor, keep: float,
-                         gates: Optional[Iterable[nn.Module]] = None) -> None:
+def calibrate_bn(model: nn.Module, x: torch.Tensor, keep: Optional[float] = None) -> None:
+    """Make a random-weight model behave like a trained one on batch ``x``.
+
+    A freshly initialised deep ResNet has unit BN running variances and gates
+    whose values are far from 1, so eval-mode activations grow block after
+    block and overflow.  In one pass, in forward order, this sets every BN's
+    running statistics to the batch statistics and rescales each gate's fc2 so
+    its positive values average 1 (a positive scale does not change which
+    channels a threshold keeps).  With ``keep`` it also sets the thresholds.
+
+    The model is marked, so that later :func:`calibrate_keep_ratio` calls
+    recompute the BN statistics together with the new thresholds (closing
+    channels changes what every later BN sees).
+    """
+    _calibration_pass(model, x, keep, bn=True, gate_scale=True)
+    model._manidp_random_bn = True
+
+
+def calibrate_keep_ratio(model: nn.Module, x: torch.Tensor, keep: float) -> None:
     """Set every gate's threshold so it keeps about ``keep`` of its channels on batch ``x``.
 
     Gates are calibrated in forward order within one pass, so each sees the
-    inputs its predecessors' new thresholds produce.
+    inputs its predecessors' new thresholds produce.  On a model that went
+    through :func:`calibrate_bn`, BN statistics and gate scales are recomputed in
+    the same pass (a random gate's output grows with its input, so without that
+    closing channels would feed back into ever larger activations).
     """
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep ratio must be in [0, 1]; got {keep}")
-    gates = list(model.gates() if gates is None else gates)
-    originals = []
-    for gate in gates:
-        originals.append(gate.active)
-
-        def active(self, g, _orig=gate.active):
-            self.threshold.fill_(midpoint_threshold(g, keep))
-            return _orig(g)
-        gate.active = types.MethodType(active, gate)
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for gate in gates:
-            del gate.active  # drop the instance attribute, back to the class method
-        model.train(was_training)
+    random_init = getattr(model, "_manidp_random_bn", False)
+    _calibration_pass(model, x, keep, bn=random_init, gate_scale=random_init)
 
 
 @torch.no_grad()
