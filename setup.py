@@ -56,7 +56,7 @@ setup(
     python_requires=">=3.9",
     packages=["manidp", "manidp.deploy", "manidp.kernels"],
     package_dir={"manidp.kernels": "kernels"},
-    package_data={"manidp": ["assets/*"]},
+    package_data={"manidp": ["assets/*.pt", "assets/*.json"]},
     install_requires=["torch>=2.4", "torchvision", "tqdm", "numpy", "matplotlib"],
     extras_require={"test": ["pytest", "hypothesis"]},
     ext_modules=ext_modules,

@@ -8,5 +8,6 @@
 __version__ = "0.1.0"
 
 from .deploy import DynamicResNet, compile  # noqa: E402
+from .pretrained import default_model, default_model_info  # noqa: E402
 
-__all__ = ["DynamicResNet", "compile", "__version__"]
+__all__ = ["DynamicResNet", "compile", "default_model", "default_model_info", "__version__"]
