@@ -33,14 +33,14 @@ def _extensions():
         return [], {}
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     kw = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if _want_cuda() and cu:
         cuda_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if not cuda_arch:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # H100; override for other GPUs
         ext = CUDAExtension("manidp._C", cpp + cu, define_macros=[("MANIDP_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
                             **kw)
     else:
         ext = CppExtension("manidp._C", cpp, extra_compile_args={"cxx": cxx}, **kw)
