@@ -1,0 +1,365 @@
+// CPU gated basic block (DESIGN 3.2): gates, compact convs, fused epilogues.
+//
+// Two strategies compute the same result:
+//  * per instance: each instance gathers the weight rows (and, for conv2, the input-channel
+//    slices) it needs, scaled by its gate values, and runs one compact conv.  Work scales
+//    with its own active counts.  At batch 1 the library conv and the gathers use every
+//    thread; at larger batch instances run in parallel with single-threaded convs.
+//  * union: the batch runs one conv over the union of its instances' active channels and
+//    the epilogue applies each instance's mask.  Batched GEMMs are more efficient, which
+//    pays when the instances' active sets overlap.
+// mode 0 picks per conv from the active counts (see choose_union).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "manidp_cpu.h"
+
+namespace manidp {
+namespace {
+
+constexpr int64_t kTaps = 9;  // 3x3 kernels
+
+// Everything one block call needs, as raw pointers into contiguous fp32 tensors.
+struct Block {
+  int64_t n, cin, c, h, w, ho, wo, stride;
+  at::Tensor x, w1, b1, w2, b2;  // contiguous
+  detail::GateParams gate1, gate2;
+  int64_t hw_in() const { return h * w; }
+  int64_t hw() const { return ho * wo; }
+};
+
+// Per-call results shared by the phases.
+struct State {
+  at::Tensor g1, idx1, cnt1, g2, idx2, cnt2;  // (N, C) fp32 / int32, (N,) int32
+  at::Tensor pooled2;                          // (N, C) pooled conv1 output, zeros off the active set
+  at::Tensor out;                              // (N, C, Ho, Wo), holds the shortcut until the epilogue
+  at::Tensor residual;                         // what the epilogue adds b to (out itself or x)
+};
+
+// ------------------------------------------------------------------ small kernels
+
+// Row gather of a (rows_total, len) matrix: dst[k] = scale[k] * src[rows[k]] (scale may be null).
+void gather_rows(float* dst, const float* src, int64_t len, const int32_t* rows, int64_t k, const float* scale) {
+  at::parallel_for(0, k, std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) detail::scale_copy(dst + i * len, src + rows[i] * len, scale ? scale[i] : 1.f, len);
+  });
+}
+
+// conv2 weight gather: dst (k2, k1, 9) = scale[r] * w2[rows[r], cols[j], :] for a (C, C, 3, 3) w2.
+// Each source row is contiguous, so this streams through the rows picking 36-byte chunks.
+void gather_rows_cols(float* dst, const float* w2, int64_t cin, const int32_t* rows, int64_t k2, const float* scale,
+                      const int32_t* cols, int64_t k1) {
+  at::parallel_for(0, k2, std::max<int64_t>(1, 4096 / std::max<int64_t>(k1 * kTaps, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* src = w2 + rows[r] * cin * kTaps;
+      float* d = dst + r * k1 * kTaps;
+      const float s = scale ? scale[r] : 1.f;
+      for (int64_t j = 0; j < k1; ++j) {
+        const float* cs = src + cols[j] * kTaps;
+        for (int t = 0; t < kTaps; ++t) d[j * kTaps + t] = s * cs[t];
+      }
+    }
+  });
+}
+
+// In place a = relu(scale[j] * a) per channel j of a (k, hw) map, and pooled[j] = mean(a[j]).
+// `scale` may be null (gate already folded into the weights).
+void relu_scale_pool(float* a, int64_t k, int64_t hw, const float* scale, float* pooled) {
+  at::parallel_for(0, k, std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      float* p = a + j * hw;
+      const float s = scale ? scale[j] : 1.f;
+      float acc = 0.f;
+      for (int64_t i = 0; i < hw; ++i) {
+        const float v = s * p[i];
+        p[i] = v < 0.f ? 0.f : v;
+        acc += p[i];
+      }
+      pooled[j] = acc / static_cast<float>(hw);
+    }
+  });
+}
+
+// out[c] = relu(res[c] + scale[c] * b[pos[c]]) where pos[c] >= 0, relu(res[c]) elsewhere, for one
+// instance's (C, hw) maps.  `b` may be null when every addend is a constant: then add_const[c].
+void residual_epilogue(float* out, const float* res, int64_t c, int64_t hw, const float* b, const int32_t* pos,
+                       const float* scale, const float* add_const) {
+  at::parallel_for(0, c, std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)), [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      float* o = out + ch * hw;
+      const float* r = res + ch * hw;
+      const int32_t k = pos[ch];
+      if (k < 0) {
+        for (int64_t i = 0; i < hw; ++i) o[i] = r[i] < 0.f ? 0.f : r[i];
+      } else if (b == nullptr) {
+        const float add = add_const[ch];
+        for (int64_t i = 0; i < hw; ++i) { const float v = r[i] + add; o[i] = v < 0.f ? 0.f : v; }
+      } else {
+        const float s = scale ? scale[ch] : 1.f;
+        const float* bk = b + k * hw;
+        for (int64_t i = 0; i < hw; ++i) { const float v = r[i] + s * bk[i]; o[i] = v < 0.f ? 0.f : v; }
+      }
+    }
+  });
+}
+
+float channel_mean(const float* p, int64_t hw) { return detail::sum(p, hw) / static_cast<float>(hw); }
+
+at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, int64_t stride) {
+  return at::conv2d(input, weight, bias, {stride, stride}, {1, 1}).contiguous();
+}
+
+// ------------------------------------------------------------------ per-instance strategy
+
+// Instance n end to end: compact conv1 (gate folded into the weights), gate2, compact conv2,
+// residual epilogue.  Uses every thread when called outside a parallel region.
+void run_instance(const Block& B, State& S, int64_t n) {
+  const auto fopt = B.x.options();
+  const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
+  const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
+  const float* g1 = S.g1.data_ptr<float>() + n * B.c;
+  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
+  std::vector<float> s1(k1);
+  for (int32_t j = 0; j < k1; ++j) s1[j] = g1[a1[j]];
+
+  at::Tensor a;
+  if (k1 > 0) {
+    // relu(g * (W x + b)) == relu((g W) x + g b) since g > 0: the gate rides on the weights.
+    at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
+    gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, a1, k1, s1.data());
+    gather_rows(bc.data_ptr<float>(), B.b1.data_ptr<float>(), 1, a1, k1, s1.data());
+    a = conv3x3(B.x.narrow(0, n, 1), wc, bc, B.stride);
+    std::vector<float> pooled(k1);
+    relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled.data());
+    for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
+  }
+
+  std::vector<float> hidden(B.gate2.hidden);
+  float* g2 = S.g2.data_ptr<float>() + n * B.c;
+  int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
+  const int32_t k2 = detail::gate_one(B.gate2, pooled2, g2, a2, hidden.data());
+  S.cnt2.data_ptr<int32_t>()[n] = k2;
+
+  std::vector<int32_t> pos(B.c, -1);
+  std::vector<float> s2(k2), add_const(B.c, 0.f);
+  for (int32_t k = 0; k < k2; ++k) {
+    pos[a2[k]] = k;
+    s2[k] = g2[a2[k]];
+  }
+  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
+  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
+  if (k2 > 0 && k1 > 0) {
+    at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
+    gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2.data(), a1, k1);
+    gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, a2, k2, s2.data());
+    at::Tensor b = conv3x3(a, wc, bc, 1);
+    residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos.data(), nullptr, nullptr);
+  } else {
+    // No input channel: conv2 is its bias alone (scaled) on the active outputs.
+    for (int32_t k = 0; k < k2; ++k) add_const[a2[k]] = s2[k] * B.b2.data_ptr<float>()[a2[k]];
+    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data());
+  }
+}
+
+void run_per_instance(const Block& B, State& S) {
+  if (B.n == 1) {
+    run_instance(B, S, 0);  // the convs and gathers inside use every thread
+    return;
+  }
+  // Nested at::parallel_for calls (and oneDNN inside an OpenMP region) run single-threaded.
+  at::parallel_for(0, B.n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) run_instance(B, S, i);
+  });
+}
+
+// ------------------------------------------------------------------ union strategy
+
+// Sorted union of the first cnt[n] entries of every row of idx (N, C).
+std::vector<int32_t> active_union(const at::Tensor& idx, const at::Tensor& cnt, int64_t c) {
+  std::vector<char> any(c, 0);
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int32_t* cp = cnt.data_ptr<int32_t>();
+  for (int64_t n = 0; n < idx.size(0); ++n)
+    for (int32_t j = 0; j < cp[n]; ++j) any[ip[n * c + j]] = 1;
+  std::vector<int32_t> u;
+  for (int64_t ch = 0; ch < c; ++ch)
+    if (any[ch]) u.push_back(static_cast<int32_t>(ch));
+  return u;
+}
+
+// Per-instance mask scale of the union channels: g where active, 0 elsewhere.  (N, |u|)
+std::vector<float> union_scales(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& cnt,
+                                const std::vector<int32_t>& u, int64_t c) {
+  const int64_t n = g.size(0), k = static_cast<int64_t>(u.size());
+  std::vector<int32_t> pos(c, -1);
+  for (int64_t j = 0; j < k; ++j) pos[u[j]] = static_cast<int32_t>(j);
+  std::vector<float> s(n * k, 0.f);
+  const float* gp = g.data_ptr<float>();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int32_t* cp = cnt.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int32_t j = 0; j < cp[i]; ++j) s[i * k + pos[ip[i * c + j]]] = gp[i * c + ip[i * c + j]];
+  return s;
+}
+
+void run_union(const Block& B, State& S) {
+  const auto fopt = B.x.options();
+  const std::vector<int32_t> u1 = active_union(S.idx1, S.cnt1, B.c);
+  const int64_t k1 = static_cast<int64_t>(u1.size());
+  at::Tensor a;
+  if (k1 > 0) {
+    at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
+    gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, u1.data(), k1, nullptr);
+    gather_rows(bc.data_ptr<float>(), B.b1.data_ptr<float>(), 1, u1.data(), k1, nullptr);
+    a = conv3x3(B.x, wc, bc, B.stride);  // (N, k1, Ho, Wo), every thread
+    const std::vector<float> s1 = union_scales(S.g1, S.idx1, S.cnt1, u1, B.c);
+    std::vector<float> pooled(B.n * k1);
+    // relu(s * y) == s * relu(y) for s >= 0; s = 0 zeroes the channels this instance does not use.
+    relu_scale_pool(a.data_ptr<float>(), B.n * k1, B.hw(), s1.data(), pooled.data());
+    float* p2 = S.pooled2.data_ptr<float>();
+    for (int64_t i = 0; i < B.n; ++i)
+      for (int64_t j = 0; j < k1; ++j) p2[i * B.c + u1[j]] = pooled[i * k1 + j];
+  }
+  at::parallel_for(0, B.n, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> hidden(B.gate2.hidden);
+    for (int64_t i = b; i < e; ++i)
+      S.cnt2.data_ptr<int32_t>()[i] =
+          detail::gate_one(B.gate2, S.pooled2.data_ptr<float>() + i * B.c, S.g2.data_ptr<float>() + i * B.c,
+                           S.idx2.data_ptr<int32_t>() + i * B.c, hidden.data());
+  });
+  const std::vector<int32_t> u2 = active_union(S.idx2, S.cnt2, B.c);
+  const int64_t k2 = static_cast<int64_t>(u2.size());
+  const std::vector<float> s2u = union_scales(S.g2, S.idx2, S.cnt2, u2, B.c);
+  std::vector<int32_t> pos(B.c, -1);
+  for (int64_t k = 0; k < k2; ++k) pos[u2[k]] = static_cast<int32_t>(k);
+  at::Tensor b;
+  if (k2 > 0 && k1 > 0) {
+    at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
+    gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, u2.data(), k2, nullptr, u1.data(), k1);
+    gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, u2.data(), k2, nullptr);
+    b = conv3x3(a, wc, bc, 1);  // (N, k2, Ho, Wo)
+  }
+  const float* b2 = B.b2.data_ptr<float>();
+  for (int64_t i = 0; i < B.n; ++i) {
+    // Scale per output channel of instance i (0 where inactive: adds nothing).
+    std::vector<float> scale(B.c, 0.f), add_const(B.c, 0.f);
+    for (int64_t k = 0; k < k2; ++k) {
+      scale[u2[k]] = s2u[i * k2 + k];
+      add_const[u2[k]] = s2u[i * k2 + k] * b2[u2[k]];
+    }
+    float* out_i = S.out.data_ptr<float>() + i * B.c * B.hw();
+    const float* res_i = S.residual.data_ptr<float>() + i * B.c * B.hw();
+    if (b.defined())
+      residual_epilogue(out_i, res_i, B.c, B.hw(), b.data_ptr<float>() + i * k2 * B.hw(), pos.data(),
+                        scale.data(), nullptr);
+    else
+      residual_epilogue(out_i, res_i, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data());
+  }
+}
+
+// Union pays when the batch's active sets overlap enough that its extra MACs cost less than
+// the efficiency lost by per-instance convs (small GEMMs, one weight gather per instance).
+bool choose_union(const Block& B, const State& S) {
+  if (B.n == 1) return false;
+  const std::vector<int32_t> u1 = active_union(S.idx1, S.cnt1, B.c);
+  double inst = 0;
+  const int32_t* cp = S.cnt1.data_ptr<int32_t>();
+  for (int64_t i = 0; i < B.n; ++i) inst += cp[i];
+  const double uni = static_cast<double>(B.n) * static_cast<double>(u1.size());
+  return uni <= 1.5 * inst;
+}
+
+}  // namespace
+
+Tensor5 gated_block_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& b1, const at::Tensor& w2_in,
+                        const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
+                        const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
+                        const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
+                        const at::Tensor& g2_fc2, const at::Tensor& g2_bias, const at::Tensor& g2_threshold,
+                        double clamp_max, int64_t stride, int64_t mode) {
+  using detail::check_tensor;
+  const char* op = "gated_block";
+  check_tensor(op, "x", x_in, {-1, -1, -1, -1}, "(N, Cin, H, W)");
+  TORCH_CHECK(stride >= 1, "manidp::gated_block: stride must be >= 1; got ", stride);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "manidp::gated_block: mode must be 0 (auto), 1 (per instance) or 2 (union); got ",
+              mode);
+  Block B;
+  B.n = x_in.size(0);
+  B.cin = x_in.size(1);
+  B.h = x_in.size(2);
+  B.w = x_in.size(3);
+  B.stride = stride;
+  TORCH_CHECK(B.n >= 1 && B.h >= 1 && B.w >= 1, "manidp::gated_block: x must be non-empty; got shape ", x_in.sizes());
+  check_tensor(op, "w1", w1_in, {-1, B.cin, 3, 3}, "(C, Cin, 3, 3)");
+  B.c = w1_in.size(0);
+  check_tensor(op, "b1", b1, {B.c}, "(C,)");
+  check_tensor(op, "w2", w2_in, {B.c, B.c, 3, 3}, "(C, C, 3, 3)");
+  check_tensor(op, "b2", b2, {B.c}, "(C,)");
+  B.ho = (B.h + 2 - 3) / stride + 1;
+  B.wo = (B.w + 2 - 3) / stride + 1;
+  const bool has_sc = ws.has_value();
+  TORCH_CHECK(has_sc == bs.has_value(), "manidp::gated_block: ws and bs must be given together");
+  if (has_sc) {
+    check_tensor(op, "ws", *ws, {B.c, B.cin, 1, 1}, "(C, Cin, 1, 1)");
+    check_tensor(op, "bs", *bs, {B.c}, "(C,)");
+  } else {
+    TORCH_CHECK(stride == 1 && B.cin == B.c, "manidp::gated_block: without a shortcut conv (ws) the block needs "
+                "stride 1 and Cin == C; got stride ", stride, ", Cin ", B.cin, ", C ", B.c);
+  }
+  B.x = x_in.contiguous();
+  B.w1 = w1_in.contiguous();
+  B.b1 = b1.contiguous();
+  B.w2 = w2_in.contiguous();
+  B.b2 = b2.contiguous();
+  // Contiguous gate tensors stay alive in these locals while the raw views are used.
+  const at::Tensor f11 = g1_fc1.contiguous(), f12 = g1_fc2.contiguous(), gb1 = g1_bias.contiguous();
+  const at::Tensor f21 = g2_fc1.contiguous(), f22 = g2_fc2.contiguous(), gb2 = g2_bias.contiguous();
+  B.gate1 = detail::gate_params(op, "gate1", f11, f12, gb1, g1_threshold, clamp_max, B.cin, B.c);
+  B.gate2 = detail::gate_params(op, "gate2", f21, f22, gb2, g2_threshold, clamp_max, B.c, B.c);
+
+  State S;
+  const auto fopt = B.x.options();
+  const auto iopt = fopt.dtype(at::kInt);
+  // Gate 1 on the pooled input, all instances.
+  at::Tensor pooled1 = at::empty({B.n, B.cin}, fopt);
+  {
+    const float* xp = B.x.data_ptr<float>();
+    float* pp = pooled1.data_ptr<float>();
+    at::parallel_for(0, B.n * B.cin, std::max<int64_t>(1, 16384 / B.hw_in()), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) pp[i] = channel_mean(xp + i * B.hw_in(), B.hw_in());
+    });
+  }
+  S.g1 = at::empty({B.n, B.c}, fopt);
+  S.idx1 = at::empty({B.n, B.c}, iopt);
+  S.cnt1 = at::empty({B.n}, iopt);
+  at::parallel_for(0, B.n, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> hidden(B.gate1.hidden);
+    for (int64_t i = b; i < e; ++i)
+      S.cnt1.data_ptr<int32_t>()[i] =
+          detail::gate_one(B.gate1, pooled1.data_ptr<float>() + i * B.cin, S.g1.data_ptr<float>() + i * B.c,
+                           S.idx1.data_ptr<int32_t>() + i * B.c, hidden.data());
+  });
+  S.g2 = at::empty({B.n, B.c}, fopt);
+  S.idx2 = at::empty({B.n, B.c}, iopt);
+  S.cnt2 = at::empty({B.n}, iopt);
+  S.pooled2 = at::zeros({B.n, B.c}, fopt);
+  if (has_sc) {
+    // The shortcut is dense (never gated): one batched 1x1 conv; the epilogue then works in place.
+    S.out = at::conv2d(B.x, ws->contiguous(), bs->contiguous(), {stride, stride}).contiguous();
+    S.residual = S.out;
+  } else {
+    S.out = at::empty({B.n, B.c, B.ho, B.wo}, fopt);
+    S.residual = B.x;
+  }
+  const bool use_union = mode == 2 || (mode == 0 && choose_union(B, S));
+  if (use_union)
+    run_union(B, S);
+  else
+    run_per_instance(B, S);
+  return {S.out, S.idx1, S.cnt1, S.idx2, S.cnt2};
+}
+
+}  // namespace manidp

@@ -1,0 +1,121 @@
+// CPU gate (DESIGN 1.1, 3.3): pooled input -> gate values -> active channel list.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "manidp_cpu.h"
+
+namespace manidp {
+namespace detail {
+
+MANIDP_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+MANIDP_MULTIVERSION float sum(const float* a, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+
+MANIDP_MULTIVERSION void scale_copy(float* dst, const float* src, float s, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = s * src[i];
+}
+
+static std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const std::vector<int64_t>& shape,
+                  const char* shape_doc) {
+  TORCH_CHECK(t.device().is_cpu(), "manidp::", op, ": ", name, " must be a CPU tensor; got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "manidp::", op, ": ", name, " must be float32; got ",
+              t.scalar_type());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || t.size(i) == shape[i];
+  if (!ok) {
+    std::ostringstream want;
+    want << "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+      want << (i ? ", " : "");
+      if (shape[i] < 0) want << "*"; else want << shape[i];
+    }
+    want << (shape.size() == 1 ? ",)" : ")");
+    TORCH_CHECK(false, "manidp::", op, ": ", name, " must have shape ", shape_doc, " = ", want.str(), "; got ",
+                shape_str(t.sizes()));
+  }
+}
+
+GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, const at::Tensor& fc2,
+                       const at::Tensor& bias, const at::Tensor& threshold, double clamp_max, int64_t cin,
+                       int64_t c) {
+  std::string n(name);
+  check_tensor(op, (n + " fc1").c_str(), fc1, {-1, cin}, "(hidden, Cin)");
+  const int64_t hidden = fc1.size(0);
+  TORCH_CHECK(hidden >= 1, "manidp::", op, ": ", name, " fc1 must have at least one row");
+  check_tensor(op, (n + " fc2").c_str(), fc2, {c, hidden}, "(C, hidden)");
+  check_tensor(op, (n + " fc2_bias").c_str(), bias, {c}, "(C,)");
+  TORCH_CHECK(threshold.numel() == 1 && threshold.scalar_type() == at::kFloat && threshold.device().is_cpu(),
+              "manidp::", op, ": ", name, " threshold must be a float32 CPU tensor with one element; got ",
+              threshold.scalar_type(), " of shape ", shape_str(threshold.sizes()));
+  TORCH_CHECK(fc1.is_contiguous() && fc2.is_contiguous() && bias.is_contiguous(), "manidp::", op, ": ", name,
+              " tensors must be contiguous");
+  return GateParams{fc1.data_ptr<float>(), fc2.data_ptr<float>(), bias.data_ptr<float>(),
+                    threshold.item<float>(), static_cast<float>(clamp_max), cin, hidden, c};
+}
+
+// relu and clamp written so that NaN propagates as in torch (and then counts as inactive).
+static inline float relu(float v) { return v < 0.f ? 0.f : v; }
+
+int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf) {
+  for (int64_t j = 0; j < p.hidden; ++j) hidden_buf[j] = relu(dot(p.fc1 + j * p.cin, pooled, p.cin));
+  int32_t cnt = 0;
+  for (int64_t c = 0; c < p.c; ++c) {
+    float v = relu(dot(p.fc2 + c * p.hidden, hidden_buf, p.hidden) + p.bias[c]);
+    v = v > p.clamp_max ? p.clamp_max : v;
+    g[c] = v;
+    if (v >= p.threshold && v > 0.f) idx[cnt++] = static_cast<int32_t>(c);
+  }
+  for (int64_t c = cnt; c < p.c; ++c) idx[c] = -1;
+  return cnt;
+}
+
+}  // namespace detail
+
+Tensor3 gate_compact_cpu(const at::Tensor& pooled, const at::Tensor& fc1, const at::Tensor& fc2,
+                         const at::Tensor& fc2_bias, const at::Tensor& threshold, double clamp_max) {
+  detail::check_tensor("gate_compact", "pooled", pooled, {-1, -1}, "(N, Cin)");
+  const int64_t n = pooled.size(0), cin = pooled.size(1);
+  TORCH_CHECK(fc2.dim() == 2, "manidp::gate_compact: fc2 must have shape (C, hidden); got ", fc2.dim(),
+              " dimensions");
+  const int64_t c = fc2.size(0);
+  // Keep contiguous copies alive: the raw view below points into them.
+  const at::Tensor fc1c = fc1.contiguous(), fc2c = fc2.contiguous(), biasc = fc2_bias.contiguous();
+  const auto p = detail::gate_params("gate_compact", "gate", fc1c, fc2c, biasc, threshold, clamp_max, cin, c);
+  const at::Tensor x = pooled.contiguous();
+  at::Tensor g = at::empty({n, c}, pooled.options());
+  at::Tensor idx = at::empty({n, c}, pooled.options().dtype(at::kInt));
+  at::Tensor cnt = at::empty({n}, pooled.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  int32_t* ip = idx.data_ptr<int32_t>();
+  int32_t* cp = cnt.data_ptr<int32_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> hidden(p.hidden);
+    for (int64_t i = begin; i < end; ++i) cp[i] = detail::gate_one(p, xp + i * cin, gp + i * c, ip + i * c, hidden.data());
+  });
+  return {g, idx, cnt};
+}
+
+}  // namespace manidp

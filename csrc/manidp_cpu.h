@@ -1,0 +1,72 @@
+// Shared declarations of the CPU implementation of the manidp custom ops.
+//
+// The ops themselves are declared (schemas) in registration.cpp; this header
+// lists the CPU kernels and the small helpers the kernel files share.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+// Hot inner loops are compiled for several instruction sets and picked at load
+// time (GCC ifunc): the extension is built without -march flags so the wheel runs
+// anywhere, yet the loops below use AVX-512/AVX2 where the CPU has them.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MANIDP_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MANIDP_MULTIVERSION
+#endif
+
+namespace manidp {
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ---------------------------------------------------------------- op kernels (CPU)
+Tensor3 gate_compact_cpu(const at::Tensor& pooled, const at::Tensor& fc1, const at::Tensor& fc2,
+                         const at::Tensor& fc2_bias, const at::Tensor& threshold, double clamp_max);
+
+Tensor5 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
+                        const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
+                        const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
+                        const at::Tensor& g2_fc2, const at::Tensor& g2_bias, const at::Tensor& g2_threshold,
+                        double clamp_max, int64_t stride, int64_t mode);
+
+// ---------------------------------------------------------------- shared helpers
+namespace detail {
+
+// Raw view of one gate's fp32 parameters (all contiguous).
+struct GateParams {
+  const float* fc1;   // (hidden, cin)
+  const float* fc2;   // (c, hidden)
+  const float* bias;  // (c,)
+  float threshold;
+  float clamp_max;
+  int64_t cin, hidden, c;
+};
+
+// Checks a gate's tensors against the expected input/output widths and returns a raw view.
+// `op` and `name` prefix every error message.
+GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, const at::Tensor& fc2,
+                       const at::Tensor& bias, const at::Tensor& threshold, double clamp_max, int64_t cin,
+                       int64_t c);
+
+// One instance's gate: `g` (c) gate values, `idx` (c) active ids ascending then -1,
+// returns the active count.  `hidden_buf` needs p.hidden floats.
+int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf);
+
+// Vector helpers (multiversioned).
+float dot(const float* a, const float* b, int64_t n);
+float sum(const float* a, int64_t n);
+void scale_copy(float* dst, const float* src, float s, int64_t n);
+
+// TORCH_CHECK helper: `t` is a float32 CPU tensor with exactly `shape` (-1 = any).
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const std::vector<int64_t>& shape,
+                  const char* shape_doc);
+
+}  // namespace detail
+}  // namespace manidp

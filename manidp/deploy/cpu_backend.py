@@ -1,0 +1,52 @@
+"""The ``cpu`` backend: each gated block is one C++ op (``manidp::gated_block``).
+
+The op computes the gates, gathers the weights of the active channels (with the
+gate values folded in) and runs the library conv (oneDNN through ATen) on
+compact tensors, per instance or over the batch's union of active channels,
+whichever its cost estimate prefers (DESIGN 3.3, ``csrc/block_cpu.cpp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .backends import Backend, BlockResult, register_backend
+
+__all__ = ["CpuBackend"]
+
+
+class CpuBackend(Backend):
+    """C++ gated blocks on the CPU, fp32."""
+
+    name = "cpu"
+    devices = ("cpu",)
+    dtypes = (torch.float32,)
+
+    def __init__(self, mode: str = "auto"):
+        if mode not in ops.MODES:
+            raise ValueError(f"mode must be one of {sorted(ops.MODES)}; got {mode!r}")
+        self.mode = mode
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype):
+        if not ops.HAVE_CPU_OPS:
+            return f"backend 'cpu' needs the C++ extension manidp._C ({ops.IMPORT_ERROR!r}); build it with pip install -e ."
+        return super().unavailable_reason(device, dtype)
+
+    def prepare(self, engine) -> None:
+        """Cache the op's argument tuple per block (contiguous fp32 tensors, no copies if already so)."""
+        for blk in engine.blocks:
+            f = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+            sc = (f(blk.shortcut.weight), f(blk.shortcut.bias)) if blk.has_shortcut else (None, None)
+            gates = []
+            for gate in (blk.gate1, blk.gate2):
+                gates += [f(gate.fc1), f(gate.fc2), f(gate.fc2_bias), f(gate.threshold).reshape(())]
+            blk.cache["cpu"] = (f(blk.conv1.weight), f(blk.conv1.bias), f(blk.conv2.weight), f(blk.conv2.bias),
+                                *sc, *gates, float(blk.gate1.clamp_max), int(blk.stride))
+
+    def block(self, blk, x: torch.Tensor) -> BlockResult:
+        args = blk.cache["cpu"]
+        return BlockResult(*torch.ops.manidp.gated_block(x, *args, ops.MODES[self.mode]))
+
+
+register_backend("cpu", CpuBackend)
