@@ -1,0 +1,155 @@
+"""Static channel pruning (manidp.static_pruning)."""
+
+import pytest
+import torch
+
+from manidp.calibrate import calibrate_bn
+from manidp.deploy import compile as compile_engine
+from manidp.flops import dense_macs
+from manidp.models import build_model, load_dense_state_dict
+from manidp.static_pruning import (StaticPrunedResNet, keep_for_target_macs, l1_top_channels, static_macs,
+                                   static_pruned_like)
+
+
+def _gated(arch="dyresnet20", size=32, n=8, **kw):
+    torch.manual_seed(0)
+    model = build_model(arch, **kw).eval()
+    x = torch.randn(n, model.conv1.in_channels, size, size)
+    calibrate_bn(model, x)
+    return model, x
+
+
+def _dense_of(gated):
+    dense = build_model(f"resnet{gated.depth}", num_classes=gated.fc.out_features,
+                        in_channels=gated.conv1.in_channels)
+    load_dense_state_dict(dense, {k: v for k, v in gated.state_dict().items() if ".gate" not in k})
+    return dense.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the 2-core test machines are shared, and spinning thread pools stall."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_and_x(one_thread):
+    return _gated()
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_keep_one_is_the_dense_network(model_and_x, fold):
+    model, x = model_and_x
+    net = static_pruned_like(model, 1.0, fold_bn=fold).eval()
+    assert isinstance(net, StaticPrunedResNet) and net.folded == fold
+    assert all(k1 == k2 == b.planes for (k1, k2), b in zip(net.widths, net.blocks()))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _dense_of(model)(x), rtol=1e-4, atol=1e-4)
+    assert net.macs() == dense_macs(model, (32, 32))
+
+
+def test_engine_source_is_folded(model_and_x):
+    model, x = model_and_x
+    engine = compile_engine(model)
+    net = static_pruned_like(engine, 1.0).eval()
+    assert net.folded
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _dense_of(model)(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="folded"):
+        static_pruned_like(engine, 0.5, fold_bn=False)
+
+
+def test_pruned_equals_dense_with_channels_zeroed(model_and_x):
+    """Static block = dense block whose dropped conv1/conv2 output channels are zero."""
+    model, x = model_and_x
+    net = static_pruned_like(model, 0.4).eval()
+    dense = _dense_of(model)
+    hooks = []
+    for blk, sblk in zip(dense.blocks(), net.blocks()):
+        for bn, idx in ((blk.bn1, sblk.in_index), (blk.bn2, sblk.out_index)):
+            keep = torch.zeros(bn.num_features)
+            keep[idx] = 1.0
+            hooks.append(bn.register_forward_hook(lambda m, i, o, k=keep: o * k[None, :, None, None]))
+    with torch.no_grad():
+        ref = dense(x)
+        out = net(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    folded = static_pruned_like(model, 0.4, fold_bn=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), out, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_are_the_largest_l1_filters(model_and_x):
+    model, _ = model_and_x
+    net = static_pruned_like(model, 0.5)
+    blk, sblk = next(model.blocks()), next(net.blocks())
+    norms = blk.conv1.weight.detach().abs().sum((1, 2, 3))
+    k = sblk.k1
+    assert set(sblk.in_index.tolist()) == set(norms.topk(k).indices.tolist())
+    assert sblk.in_index.tolist() == sorted(sblk.in_index.tolist())
+    w2 = blk.conv2.weight.detach()[:, sblk.in_index]
+    assert set(sblk.out_index.tolist()) == set(w2.abs().sum((1, 2, 3)).topk(sblk.k2).indices.tolist())
+    assert l1_top_channels(torch.ones(4, 2, 3, 3), 2).tolist() == [0, 1]  # ties: lowest index
+
+
+def test_uniform_ratio_and_widths(model_and_x):
+    model, _ = model_and_x
+    net = static_pruned_like(model, 0.5)
+    assert net.widths == [(round(0.5 * b.conv1.out_channels), round(0.5 * b.conv1.out_channels)) for b in model.blocks()]
+    widths = [(1, b.conv1.out_channels) for b in model.blocks()]
+    net2 = static_pruned_like(model, widths=widths)
+    assert net2.widths == widths
+    assert static_pruned_like(model, widths).widths == widths  # a list passed as keep
+    assert net2.macs() == static_macs(model, widths=widths)
+    tiny = static_pruned_like(model, 0.01)
+    assert all(k1 >= 1 and k2 >= 1 for k1, k2 in tiny.widths)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError):
+            static_pruned_like(model, bad)
+    with pytest.raises(ValueError):
+        static_pruned_like(model, widths=[(1, 1)])
+    with pytest.raises(ValueError):
+        static_pruned_like(model)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.45, 0.7])
+def test_keep_for_target_macs(model_and_x, target):
+    model, _ = model_and_x
+    keep = keep_for_target_macs(model, target)
+    net = static_pruned_like(model, keep)
+    frac = net.macs() / dense_macs(model, (32, 32))
+    assert abs(frac - target) < 0.03
+    assert net.macs() == static_macs(model, keep)
+
+
+def test_trainable_and_channels_last(model_and_x):
+    model, x = model_and_x
+    net = static_pruned_like(model, 0.5)
+    assert net.training and any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(net(x), torch.zeros(x.shape[0], dtype=torch.long))
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    opt.step()
+    net.eval()
+    cl = static_pruned_like(model, 0.5, fold_bn=True).eval()
+    ref = cl(x)
+    cl = cl.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_layout():
+    model, x = _gated("dyresnet18", size=64, n=2, num_classes=7)
+    net = static_pruned_like(model, 1.0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _dense_of(model)(x), rtol=1e-4, atol=1e-4)
+    half = static_pruned_like(model, 0.5, fold_bn=True).eval()
+    assert half(x).shape == (2, 7)
+    assert half.macs((64, 64)) < dense_macs(model, (64, 64))
+    assert any(len(b.downsample) == 2 for b in net.blocks() if b.downsample is not None)  # shortcut BN kept
