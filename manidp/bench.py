@@ -51,7 +51,7 @@ JSON schema (``"schema": "manidp-bench/1"``), all times in milliseconds::
     config        {model, model_source, arch, num_classes, in_channels, input_size, device,
                    dtype, batch_sizes, backends, backends_available, data, warmup, iters,
                    min_iters, time_budget_s, max_time_s, num_batches, compile, compile_budget_s,
-                   target_macs, seed, static_sizing}
+                   target_macs, seed, static_sizing, tf32}
     model         {arch, dense_macs, num_gates, calibration: {target_macs, achieved,
                    calibration_images} | null, preprocess}
     data          {name, source, num_images, channels, size, note}
@@ -86,10 +86,8 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -181,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "remaining measurement runs one warm-up and one timed iteration")
     p.add_argument("--compile-budget", type=float, default=180.0,
                    help="seconds: once one compilation takes longer, compiled methods are skipped from then on")
+    p.add_argument("--tf32", choices=["on", "off"], default="on",
+                   help="GPU fp32 only: allow TF32 in cuDNN convs and matmuls (and so in the Triton kernels) "
+                        "for every method alike (on is cuDNN's default for convs)")
     p.add_argument("--static-sizing", choices=["macs", "widths"], default="macs",
                    help="static network: uniform keep ratio matching the mean dynamic MACs (macs), or per-block "
                         "widths equal to the mean active channel counts (widths)")
@@ -544,6 +545,8 @@ def _cuda_graph(fn: Callable, example: torch.Tensor) -> Callable:
 def _engine_graph(engine, example: torch.Tensor) -> Callable:
     """A CUDA-graph runner for ``engine``: manidp.deploy.cuda_graph if it exists, else a capture
     attempt for backends that declare capture support."""
+    if engine.backend.name == "reference":
+        raise _Skip("the reference backend reads active channel lists back to the host: it cannot be captured")
     try:
         from .deploy import cuda_graph as cg  # written by another engineer; optional
     except ImportError:
@@ -593,7 +596,6 @@ class Method:
         self.backend, self.layout, self.cuda_graph, self.compiled = backend, layout, cuda_graph, compiled
         self.baseline, self.skip = baseline, skip
         self.results: List[dict] = []
-        self.failure: Optional[str] = None
 
     @property
     def channels_last(self) -> bool:
@@ -654,6 +656,7 @@ def _make_methods(subject: Subject, dense_fold: nn.Module, static_net: nn.Module
             fn(example)  # compiles for this shape
             _sync(device)
             took = time.perf_counter() - t0
+            build.last_compile_s = took
             if took > cbudget.budget:
                 cbudget.exceeded = (f"a torch.compile took {took:.0f} s > --compile-budget {cbudget.budget:.0f} s; "
                                     "later compiled measurements skipped")
@@ -824,7 +827,8 @@ REPORT_SCHEMA = {"type": "object", "required": {
             "warmup": "integer", "iters": "integer", "min_iters": "integer", "time_budget_s": _NUM,
             "max_time_s": _NUM,
             "num_batches": "integer", "compile": "boolean", "compile_budget_s": _NUM,
-            "target_macs": _NUM + ["null"], "seed": "integer", "static_sizing": "string"},
+            "target_macs": _NUM + ["null"], "seed": "integer", "static_sizing": "string",
+            "tf32": ["boolean", "null"]},
             "enum": {"model_source": ["default-asset", "default-random", "architecture", "engine-file",
                                       "checkpoint"]}},
         "model": {"type": "object", "required": {"arch": "string", "dense_macs": "integer", "num_gates": "integer",
@@ -992,6 +996,7 @@ def write_plot(report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     bss = report["config"]["batch_sizes"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"dense": "-", "masked": ":", "gated": "-", "static": "--"}
@@ -1002,6 +1007,9 @@ def write_plot(report: dict, path: str) -> None:
                      linewidth=2.2 if m["kind"] == "gated" else 1.2)
     ax1.set_xscale("log", base=2)
     ax1.set_yscale("log")
+    ax1.set_xticks(bss)
+    ax1.set_xticklabels([str(b) for b in bss])
+    ax1.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax1.set_xlabel("batch size")
     ax1.set_ylabel("throughput (images/s)")
     ax1.set_title(f"{report['config']['arch']} on {report['environment']['device']}, {report['config']['dtype']}")
@@ -1133,6 +1141,7 @@ def run(args, argv: List[str]) -> dict:
     if max_time < 0:
         raise BenchError("--max-time must be >= 0")
     compile_on = args.compile == "on" or (args.compile == "auto" and gpu)
+    tf32 = args.tf32 == "on"
     compile_reason = None if compile_on else (
         "torch.compile is off (--compile off)" if args.compile == "off" else
         "torch.compile is opt-in on the CPU (compiling takes minutes on few cores): pass --compile on")
@@ -1171,6 +1180,15 @@ def run(args, argv: List[str]) -> dict:
         calib, timing_pool = pool[-calib_n:], pool[:-calib_n]
     else:
         calib, timing_pool = pool[:calib_n], pool
+    load, ncpu = (os.getloadavg() if hasattr(os, "getloadavg") else None), os.cpu_count() or 1
+    if load and load[0] > 1.5 * ncpu and not gpu:
+        msg = f"{PROG}: warning: the machine is busy (load average {load[0]:.1f} on {ncpu} CPUs): CPU timings will be noisy"
+        if args.threads is None and torch.get_num_threads() > 1:
+            # Spinning thread pools on oversubscribed cores stall for whole time slices: one thread
+            # gives slower but meaningful numbers.  --threads N overrides.
+            torch.set_num_threads(1)
+            msg += "; timing with 1 thread (pass --threads N to choose)"
+        print(msg, file=sys.stderr)
     target = args.target_macs if args.target_macs is not None else (0.45 if kind == "arch" else None)
     calibration = None
     if kind == "arch":
@@ -1238,10 +1256,6 @@ def run(args, argv: List[str]) -> dict:
     methods = _make_methods(subject, dense_fold, static_net, static_label, backends, device, dtype, compile_on,
                             compile_reason, cbudget)
     env = environment(argv, device)
-    load, ncpu = env["load_average"], env["cpu_count"] or 1
-    if load and load[0] > 1.5 * ncpu and not gpu:
-        print(f"{PROG}: warning: the machine is busy (load average {load[0]:.1f} on {ncpu} CPUs): CPU timings "
-              f"will be noisy{'; --threads 1 may help' if torch.get_num_threads() > 1 else ''}", file=sys.stderr)
 
     # ---- timing
     from tqdm import tqdm
@@ -1249,6 +1263,12 @@ def run(args, argv: List[str]) -> dict:
     bar = tqdm(total=total, desc="benchmark", unit="run", file=sys.stderr, disable=args.quiet, leave=False,
                dynamic_ncols=True)
     deadline = time.perf_counter() + max_time if max_time > 0 else None
+    saved_gpu_flags = None
+    if gpu:
+        saved_gpu_flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                           torch.get_float32_matmul_precision())
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
         with torch.inference_mode():
             for bs in batch_sizes:
@@ -1257,6 +1277,8 @@ def run(args, argv: List[str]) -> dict:
                 ref_out: Dict[str, torch.Tensor] = {}
                 for m in methods:
                     bar.set_description(f"bs {bs} {m.name}")
+                    if gpu:  # autotune cuDNN for the fixed-shape dense convs, not per-instance gathered shapes
+                        torch.backends.cudnn.benchmark = m.kind != "gated"
                     res = {"batch_size": bs, "status": "ok", "reason": None, "times_ms": [], "warmup_ms": [],
                            "median_ms": None, "p90_ms": None, "mean_ms": None, "min_ms": None, "std_ms": None,
                            "iters": 0, "throughput_ips": None, "speedup_vs_best_dense": None,
@@ -1272,6 +1294,8 @@ def run(args, argv: List[str]) -> dict:
                             res["mean_macs"] = float(stats["macs"].double().mean())
                         else:
                             out0 = runner(batches[0])
+                        if isinstance(out0, (tuple, list)):
+                            out0 = out0[0]
                         out0 = out0.detach().float().clone()
                         if m.name in ("dense-eager", "masked"):
                             ref_out[m.name] = out0
@@ -1288,6 +1312,8 @@ def run(args, argv: List[str]) -> dict:
                             elif budget == 0 or share < budget:
                                 m_budget = max(share, 1e-3)
                         res["budget_s"] = m_budget if m_budget > 0 else None
+                        if m.compiled:
+                            res["compile_s"] = getattr(m.build, "last_compile_s", None)
                         times, warm = measure(runner, batches, device, m_warm, iters, m_min, m_budget)
                         res.update(_stats(times, bs))
                         res["times_ms"], res["warmup_ms"] = times, warm
@@ -1307,6 +1333,9 @@ def run(args, argv: List[str]) -> dict:
                 del dev_batches, cl_batches
     finally:
         bar.close()
+        if saved_gpu_flags is not None:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved_gpu_flags[:2]
+            torch.set_float32_matmul_precision(saved_gpu_flags[2])
 
     # ---- speedups and summary
     summary = []
@@ -1346,7 +1375,7 @@ def run(args, argv: List[str]) -> dict:
                    "data": data_spec, "warmup": warmup, "iters": iters, "min_iters": args.min_iters,
                    "time_budget_s": budget, "max_time_s": max_time, "num_batches": args.num_batches, "compile": compile_on,
                    "compile_budget_s": args.compile_budget, "target_macs": target, "seed": args.seed,
-                   "static_sizing": args.static_sizing},
+                   "static_sizing": args.static_sizing, "tf32": tf32 if gpu else None},
         "model": {"arch": subject.arch, "dense_macs": dense_macs, "num_gates": engine.num_gates,
                   "calibration": calibration, "preprocess": pre},
         "data": data_info,
@@ -1378,6 +1407,7 @@ def run(args, argv: List[str]) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
     try:
         args = build_parser().parse_args(argv)
         run(args, argv)
@@ -1390,6 +1420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def test_engine_file_input(tmp_path):
                                        bench.dense_model_from_gated(model)(x), rtol=1e-4, atol=1e-4)
         code, stdout, stderr = _run(["--model", str(path), "--out", str(tmp_path / "out"), "--batch-sizes", "1",
                                      "--iters", "1", "--warmup", "0", "--time-budget", "0", "--num-batches", "1",
-                                     "--calib-images", "4", "--data", "synthetic", "--quiet"])
+                                     "--calib-images", "4", "--data", "synthetic", "--quiet",
+                                     "--static-sizing", "widths"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0, stderr
@@ -196,6 +197,7 @@ def test_engine_file_input(tmp_path):
     assert validate_report(report) == []
     assert report["config"]["model_source"] == "engine-file" and report["config"]["target_macs"] is None
     assert report["config"]["in_channels"] == 1
+    assert report["static"]["keep"] is None and len(report["static"]["widths"]) == 9
     ok = {m["name"]: m for m in report["methods"]}
     assert ok["gated-reference"]["results"][0]["max_abs_diff"] < 1e-3
     assert ok["dense-folded"]["results"][0]["max_abs_diff"] < 1e-3
@@ -258,3 +260,35 @@ def test_python_dash_m():
     assert p.stderr.strip().startswith("manidp-bench: error: unknown architecture")
     code, stdout, _ = _run(["--help"])
     assert code == 0 and "--target-macs" in stdout and "--backends" in stdout
+
+
+def test_default_model_path(tmp_path, monkeypatch):
+    """No --model: the shipped asset through manidp.default_model(), on its own test images."""
+    import manidp
+    from manidp.calibrate import calibrate_bn, calibrate_target_macs
+    from manidp.deploy import DynamicResNet, compile as compile_engine
+    from manidp.models import build_model
+    torch.manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_model("dyresnet20", in_channels=1).eval()
+        x = torch.randn(32, 1, 32, 32)
+        calibrate_bn(model, x)
+        calibrate_target_macs(model, x, 0.5)
+        pre = {"scale": 255.0, "mean": [0.2860], "std": [0.3530], "pad": 2}
+        path = tmp_path / "default_model.pt"
+        compile_engine(model, preprocess=pre).save(str(path))
+        monkeypatch.setattr(bench, "_default_asset", lambda: str(path))
+        monkeypatch.setattr(manidp, "default_model", lambda device="cpu", **kw: DynamicResNet.load(str(path), device),
+                            raising=False)
+        code, stdout, stderr = _run(["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--iters", "1",
+                                     "--warmup", "0", "--time-budget", "0", "--num-batches", "1", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert validate_report(report) == []
+    assert report["config"]["model_source"] == "default-asset" and report["config"]["target_macs"] is None
+    assert report["model"]["preprocess"]["pad"] == 2
+    assert report["config"]["data"] == ("fashion-mnist" if bench.fashion_mnist_available() else "synthetic")
