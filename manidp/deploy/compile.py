@@ -11,15 +11,21 @@ import torch.nn as nn
 from ..models import build_model, load_dense_state_dict
 from .engine import DynamicResNet, EngineFormatError
 
-__all__ = ["compile", "model_from_checkpoint"]
+__all__ = ["compile", "model_from_checkpoint", "preprocess_spec"]
 
 
-def model_from_checkpoint(path: str) -> nn.Module:
-    """Rebuild the gated model stored in a ``manidp-train`` checkpoint file.
+def preprocess_spec(dataset: str) -> Optional[dict]:
+    """How raw uint8 images of ``dataset`` become model inputs (as manidp.data prepares them)."""
+    from .. import data as D
+    if dataset == "fashion-mnist":
+        return {"dataset": dataset, "scale": 255.0, "mean": list(D.FMNIST_MEAN), "std": list(D.FMNIST_STD), "pad": 2}
+    if dataset == "cifar10":
+        return {"dataset": dataset, "scale": 255.0, "mean": list(D.CIFAR10_MEAN), "std": list(D.CIFAR10_STD)}
+    return None
 
-    The file must hold ``arch`` and a state dict (``state_dict`` or ``model``);
-    ``num_classes`` and ``in_channels`` are read from it or inferred from the weights.
-    """
+
+def _read_checkpoint(path: str) -> dict:
+    """A checkpoint dictionary, read without executing code from the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     try:
@@ -28,6 +34,19 @@ def model_from_checkpoint(path: str) -> nn.Module:
         raise EngineFormatError(f"{path!r} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise EngineFormatError(f"{path!r} does not hold a checkpoint dictionary")
+    return ckpt
+
+
+def model_from_checkpoint(path: str) -> nn.Module:
+    """Rebuild the gated model stored in a ``manidp-train`` checkpoint file.
+
+    The file must hold ``arch`` and a state dict (``state_dict`` or ``model``);
+    ``num_classes`` and ``in_channels`` are read from it or inferred from the weights.
+    """
+    return _model_from_ckpt(_read_checkpoint(path), path)
+
+
+def _model_from_ckpt(ckpt: dict, path: str) -> nn.Module:
     state = ckpt.get("state_dict", ckpt.get("model"))
     arch = ckpt.get("arch")
     if not isinstance(state, dict) or not isinstance(arch, str):
@@ -54,10 +73,19 @@ def compile(model: Union[nn.Module, str], backend: str = "auto", device: Union[s
     (``{"scale": 255, "mean": [...], "std": [...], "pad": 2}``), used by
     :meth:`DynamicResNet.preprocess`.
     """
+    input_size = None
     if isinstance(model, (str, os.PathLike)):
-        model = model_from_checkpoint(os.fspath(model))
+        path = os.fspath(model)
+        ckpt = _read_checkpoint(path)
+        dataset = ckpt.get("dataset") if isinstance(ckpt.get("dataset"), dict) else {}
+        if preprocess is None:
+            preprocess = preprocess_spec(dataset.get("name", ""))
+        input_size = dataset.get("input_size")
+        model = _model_from_ckpt(ckpt, path)
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() takes a gated model or a checkpoint path; got {type(model).__name__}")
     engine = DynamicResNet.from_model(model, backend="reference", preprocess=preprocess)
+    if input_size:
+        engine.config["input_size"] = [int(v) for v in input_size]
     engine._backend_name = backend
     return engine.to(device=device, dtype=dtype)

@@ -279,7 +279,8 @@ class DynamicResNet(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Turn raw uint8 images ((N, H, W) or (N, C, H, W)) into this model's input.
 
-        Uses the preprocessing recorded at compile time (scale, mean/std, padding).
+        Uses the preprocessing recorded at compile time: zero-pad by ``pad`` pixels,
+        divide by ``scale``, subtract ``mean`` and divide by ``std`` per channel.
         """
         spec = self.config.get("preprocess")
         if spec is None:
@@ -291,13 +292,14 @@ class DynamicResNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.config["in_channels"]:
             raise ValueError(f"expected uint8 images of shape (N, H, W) or (N, {self.config['in_channels']}, H, W); "
                              f"got {tuple(images.shape)}")
-        x = images.float() / float(spec.get("scale", 255.0))
+        pad = int(spec.get("pad", 0))
+        x = images.float()
+        if pad:  # raw images are zero-padded before normalisation, as in training
+            x = F.pad(x, (pad, pad, pad, pad))
+        x = x / float(spec.get("scale", 255.0))
         mean = torch.tensor(spec.get("mean", [0.0]), dtype=torch.float32)[None, :, None, None]
         std = torch.tensor(spec.get("std", [1.0]), dtype=torch.float32)[None, :, None, None]
         x = (x - mean) / std
-        pad = int(spec.get("pad", 0))
-        if pad:
-            x = F.pad(x, (pad, pad, pad, pad), value=float(spec.get("pad_value", 0.0)))
         return x.to(self.device, self.compute_dtype)
 
     # ---------------------------------------------------------------- files

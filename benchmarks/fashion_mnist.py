@@ -1,0 +1,222 @@
+"""Real-data comparison on Fashion-MNIST: dense, ManiDP, ManiDP without the manifold term
+(FBS-like), and a static channel-pruned network of the same FLOPs.
+
+Every run goes through ``manidp.train.train`` (the ``manidp-train`` code path);
+the static baseline is cut from the dense network by filter L1 norm
+(``manidp.static_pruning``) and fine-tuned with the same epochs, batch size and
+learning-rate schedule as the ManiDP runs.  Each finished run is skipped when
+the script is started again, so an interrupted pipeline continues where it
+stopped.  ManiDP models are compiled into engines, evaluated on the test split
+with the deployed engine, and timed with ``manidp-bench`` against the dense
+network on this machine.
+
+Example (the schedule of the committed CPU results)::
+
+    python benchmarks/fashion_mnist.py --arch resnet20 --seeds 1 --train-subset 10000 \\
+        --dense-epochs 12 --epochs 6 --targets 0.6,0.5 --runs /work/runs \\
+        --out benchmarks/results/fashion_mnist_resnet20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from manidp.data import build_dataset, eval_batches, train_batches
+from manidp.deploy import compile
+from manidp.flops import dense_macs
+from manidp.models import build_model, load_dense_state_dict
+from manidp.static_pruning import keep_for_target_macs, static_pruned_like
+from manidp.train import cosine_lr, train
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="resnet20", help="dense architecture name (resnet20, resnet56, ...)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds")
+    p.add_argument("--targets", default="0.6,0.5", help="ManiDP target remain rates")
+    p.add_argument("--fbs-targets", default=None, help="targets of the no-manifold runs (default: all)")
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--dense-epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each ManiDP / FBS / static run")
+    p.add_argument("--dense-lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lambda-lasso", type=float, default=5e-3)
+    p.add_argument("--lambda-graph", type=float, default=1.0)
+    p.add_argument("--runs", default="runs/fashion_mnist", help="directory of the training runs")
+    p.add_argument("--out", default="benchmarks/results/fashion_mnist.json")
+    p.add_argument("--no-timing", action="store_true", help="skip the manidp-bench timing of engines")
+    p.add_argument("--bench-iters", type=int, default=30)
+    return p.parse_args(argv)
+
+
+def common(args, seed: int) -> dict:
+    return dict(dataset="fashion-mnist", ngpu=0, batch_size=args.batch_size, train_subset=args.train_subset,
+                test_subset=args.test_subset, manualSeed=seed, quiet=True)
+
+
+def run_or_load(save_path: str, **kwargs) -> dict:
+    """Train unless ``save_path`` already holds a finished run; return its final log line."""
+    log = os.path.join(save_path, "log.jsonl")
+    done = os.path.join(save_path, "last.pth")
+    if not os.path.isfile(done):
+        t0 = time.time()
+        train(save_path=save_path, **kwargs)
+        print(f"  trained {save_path} in {time.time() - t0:.0f}s", flush=True)
+    with open(log) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    return lines[-1]
+
+
+def finetune_static(args, seed: int, dense_ckpt: str, target_frac: float, save_path: str) -> dict:
+    """Cut a static network of ``target_frac`` x dense MACs from the dense model, fine-tune it."""
+    result_file = os.path.join(save_path, "result.json")
+    if os.path.isfile(result_file):
+        with open(result_file) as f:
+            return json.load(f)
+    os.makedirs(save_path, exist_ok=True)
+    torch.manual_seed(seed)
+    data = build_dataset("fashion-mnist", train_subset=args.train_subset, test_subset=args.test_subset)
+    dense = build_model(args.arch, num_classes=10, in_channels=data.info.in_channels)
+    ckpt = torch.load(dense_ckpt, map_location="cpu", weights_only=True)
+    load_dense_state_dict(dense, ckpt["state_dict"])
+    size = data.info.input_size
+    keep = keep_for_target_macs(dense, target_frac, size)
+    net = static_pruned_like(dense, keep)
+    decay, rest = [], []
+    for name, p in net.named_parameters():
+        (rest if p.dim() == 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 5e-4}],
+                          lr=args.lr, momentum=0.9, nesterov=True)
+    steps = math.ceil(len(data.train) / args.batch_size)
+    total, it = steps * args.epochs, 0
+    for epoch in range(args.epochs):
+        net.train()
+        for x, y in train_batches(data.train, epoch, args.batch_size, seed):
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(args.lr, it, total)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            it += 1
+    top1 = accuracy(net, data.test)
+    macs = net.macs(size)
+    res = {"top1": top1, "flops_reduction": 1 - macs / dense_macs(dense, size), "keep": keep,
+           "macs": macs, "epochs": args.epochs}
+    with open(result_file, "w") as f:
+        json.dump(res, f)
+    return res
+
+
+@torch.no_grad()
+def accuracy(net, test_ds) -> float:
+    net.eval()
+    correct = total = 0
+    for x, y in eval_batches(test_ds, 500):
+        correct += int((net(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def engine_eval(ckpt: str, data) -> Dict[str, float]:
+    """Top-1 and FLOPs reduction of the compiled engine on the test split (fastest CPU backend)."""
+    engine = compile(ckpt)
+    correct = total = 0
+    macs = []
+    for x, y in eval_batches(data.test, 256):
+        logits, stats = engine(x.contiguous(), return_stats=True)
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+        macs.append(stats["macs"])
+    dense = engine.dense_macs_for(data.info.input_size)
+    return {"engine_top1": 100.0 * correct / total,
+            "engine_flops_reduction": 1 - float(torch.cat(macs).mean()) / dense,
+            "backend": engine.backend.name}
+
+
+def bench_engine(ckpt: str, out_dir: str, iters: int) -> Optional[dict]:
+    """Time the engine against dense with manidp-bench on Fashion-MNIST images; speedups per batch size."""
+    cmd = [sys.executable, "-m", "manidp.bench", "--model", ckpt, "--data", "fashion-mnist",
+           "--batch-sizes", "1,32", "--iters", str(iters), "--out", out_dir]
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+        return None
+    with open(os.path.join(out_dir, "report.json")) as f:
+        report = json.load(f)
+    return {"bench_report": os.path.join(out_dir, "report.json"), "speedups": extract_speedups(report)}
+
+
+def extract_speedups(report: dict) -> dict:
+    """{batch: {"ideal", "best_gated", "best_gated_speedup", "realized_over_ideal", "best_dense"}}
+    from a manidp-bench report (speedups over the best dense method)."""
+    keys = ("ideal_speedup", "best_dense", "best_gated", "best_gated_speedup", "realized_over_ideal",
+            "static_speedup")
+    return {str(row["batch_size"]): {k: row.get(k) for k in keys} for row in report.get("summary", [])}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    targets = [float(t) for t in args.targets.split(",")]
+    fbs_targets = [float(t) for t in args.fbs_targets.split(",")] if args.fbs_targets else targets
+    gated = "dy" + args.arch
+    rows: List[dict] = []
+    data = build_dataset("fashion-mnist", train_subset=args.train_subset, test_subset=args.test_subset)
+    for seed in seeds:
+        base = os.path.join(args.runs, f"{args.arch}_s{seed}")
+        dense_dir = f"{base}/dense"
+        d = run_or_load(dense_dir, arch=args.arch, dense=True, epochs=args.dense_epochs, lr=args.dense_lr,
+                        **common(args, seed))
+        rows.append({"arch": args.arch, "method": "dense", "seed": seed, "top1": d["top1"],
+                     "flops_reduction": 0.0, "epochs": args.dense_epochs})
+        dense_ckpt = f"{dense_dir}/last.pth"
+        for method, lam, tlist in (("manidp", args.lambda_graph, targets), ("no-manifold (FBS-like)", 0.0, fbs_targets)):
+            for t in tlist:
+                tag = "manidp" if lam else "fbs"
+                run_dir = f"{base}/{tag}_t{t}"
+                r = run_or_load(run_dir, arch=gated, pretrain_path=dense_ckpt, target_remain_rate=t,
+                                lambda_lasso=args.lambda_lasso, lambda_graph=lam, epochs=args.epochs,
+                                lr=args.lr, **common(args, seed))
+                row = {"arch": args.arch, "method": method, "seed": seed, "target_remain_rate": t,
+                       "top1": r["top1"], "flops_reduction": r["flops_reduction"], "epochs": args.epochs,
+                       "checkpoint": f"{run_dir}/last.pth"}
+                row.update(engine_eval(row["checkpoint"], data))
+                if not args.no_timing and tag == "manidp":
+                    timing = bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters)
+                    if timing:
+                        row.update(timing)
+                rows.append(row)
+        for t in targets:
+            ref = next(r for r in rows if r["method"] == "manidp" and r["seed"] == seed
+                       and r["target_remain_rate"] == t)
+            s = finetune_static(args, seed, dense_ckpt, 1 - ref["flops_reduction"], f"{base}/static_t{t}")
+            rows.append({"arch": args.arch, "method": "static (L1, uniform)", "seed": seed,
+                         "matched_to_target": t, "top1": s["top1"], "flops_reduction": s["flops_reduction"],
+                         "epochs": args.epochs})
+        write(args, rows)
+    write(args, rows)
+    return 0
+
+
+def write(args, rows: List[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    env = {"machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    with open(args.out, "w") as f:
+        json.dump({"environment": env, "settings": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
