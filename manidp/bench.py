@@ -543,46 +543,23 @@ def _cuda_graph(fn: Callable, example: torch.Tensor) -> Callable:
 
 
 def _engine_graph(engine, example: torch.Tensor) -> Callable:
-    """A CUDA-graph runner for ``engine``: manidp.deploy.cuda_graph if it exists, else a capture
-    attempt for backends that declare capture support."""
+    """A CUDA-graph runner for ``engine`` (:func:`manidp.deploy.cuda_graph.capture`): ``f(x)`` copies
+    ``x`` into the graph's static input, replays, and returns the static output."""
     if engine.backend.name == "reference":
         raise _Skip("the reference backend reads active channel lists back to the host: it cannot be captured")
     try:
-        from .deploy import cuda_graph as cg  # written by another engineer; optional
+        from .deploy.cuda_graph import capture
     except ImportError:
-        cg = None
-    errors = []
-    if cg is not None:
-        supports = getattr(cg, "supports_capture", None) or getattr(cg, "supports_cuda_graph", None)
-        if callable(supports):
-            try:
-                ok = supports(engine)
-            except Exception:
-                ok = True
-            if ok is False:
-                raise _Skip(f"manidp.deploy.cuda_graph: backend {engine.backend.name!r} cannot be captured")
-        for name in ("capture", "graphed", "make_graphed", "CUDAGraphRunner", "CudaGraphRunner", "GraphedEngine",
-                     "CUDAGraphEngine"):
-            factory = getattr(cg, name, None)
-            if factory is None:
-                continue
-            try:
-                runner = factory(engine, example)
-            except TypeError as e:
-                errors.append(f"{name}: {e}")
-                continue
-            if callable(runner):
-                return runner
-    flag = None
-    for attr in ("supports_cuda_graph", "cuda_graph_safe", "capturable", "supports_capture"):
-        if hasattr(engine.backend, attr):
-            flag = getattr(engine.backend, attr)
-            flag = flag() if callable(flag) else flag
-            break
-    if not flag:
-        why = f"; cuda_graph module: {errors[0]}" if errors else ""
-        raise _Skip(f"backend {engine.backend.name!r} does not declare CUDA graph support{why}")
-    return _cuda_graph(engine, example)
+        capture = None
+    if capture is None:  # older tree: capture by hand, for the backends built for it
+        if engine.backend.name not in ("triton", "cuda"):
+            raise _Skip(f"backend {engine.backend.name!r} is not known to be capturable")
+        return _cuda_graph(engine, example)
+    try:
+        fwd = capture(engine, batch_size=int(example.shape[0]), input_size=tuple(example.shape[-2:]))
+    except ValueError as e:  # the backend synchronises with the host
+        raise _Skip(f"cuda_graph.capture: {e}") from None
+    return fwd
 
 
 # ============================================================================ methods

@@ -292,3 +292,26 @@ def test_default_model_path(tmp_path, monkeypatch):
     assert report["config"]["model_source"] == "default-asset" and report["config"]["target_macs"] is None
     assert report["model"]["preprocess"]["pad"] == 2
     assert report["config"]["data"] == ("fashion-mnist" if bench.fashion_mnist_available() else "synthetic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_end_to_end(tmp_path, dtype):
+    code, stdout, stderr = _run(["--model", "dyresnet20", "--device", "cuda", "--dtype", dtype, "--compile", "off",
+                                 "--out", str(tmp_path), "--batch-sizes", "1,4", "--iters", "3", "--warmup", "2",
+                                 "--time-budget", "0", "--num-batches", "2", "--quiet"])
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert validate_report(report) == []
+    assert report["environment"]["device_name"] and report["config"]["tf32"] is True
+    methods = {m["name"]: m for m in report["methods"]}
+    assert methods["dense-cl-graph"]["status"] == "ok", methods["dense-cl-graph"]["reason"]
+    assert methods["static-cl-graph"]["status"] == "ok", methods["static-cl-graph"]["reason"]
+    assert methods["gated-reference-graph"]["status"] == "skipped"
+    for backend in report["config"]["backends"]:
+        assert methods[f"gated-{backend}"]["status"] == "ok", methods[f"gated-{backend}"]["reason"]
+        if backend in ("triton", "cuda"):
+            graph = methods[f"gated-{backend}-graph"]
+            assert graph["status"] == "ok", graph["reason"]
+            assert all(r["max_abs_diff"] < 0.1 for r in graph["results"])
