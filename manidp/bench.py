@@ -398,6 +398,7 @@ def gated_model_from_engine(engine) -> nn.Module:
             gate.threshold.copy_(eg.threshold.float())
     model.fc.weight.copy_(engine.fc.weight.float())
     model.fc.bias.copy_(engine.fc.bias.float())
+    model._manidp_from_engine = True  # its weights are BN-folded ones
     return model.eval()
 
 
@@ -432,7 +433,7 @@ class Subject:
 def _load_model_file(path: str):
     """(gated nn model, engine or None, source, preprocess) from an engine file or a checkpoint."""
     from .deploy import DynamicResNet, EngineFormatError
-    from .deploy.compile import model_from_checkpoint
+    from .deploy.compile import compile as compile_engine, model_from_checkpoint
     try:
         engine = DynamicResNet.load(path, device="cpu", backend="reference")
         return gated_model_from_engine(engine), engine, "engine-file", engine.config.get("preprocess")
@@ -442,17 +443,12 @@ def _load_model_file(path: str):
         raise BenchError(f"no model file at {path!r}") from None
     try:
         model = model_from_checkpoint(path)
+        engine = compile_engine(path, backend="reference")  # records the dataset's preprocessing and input size
     except (EngineFormatError, ValueError, KeyError, RuntimeError) as e:
         if "DynamicResNet file (expected format" in first or "not a readable" in first:
             raise BenchError(f"{path!r} is neither a DynamicResNet file nor a manidp-train checkpoint ({e})") from None
         raise BenchError(first) from None
-    pre = None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        pre = ckpt.get("preprocess") if isinstance(ckpt, dict) and isinstance(ckpt.get("preprocess"), dict) else None
-    except Exception:
-        pass
-    return model, None, "checkpoint", pre
+    return model, engine, "checkpoint", engine.config.get("preprocess")
 
 
 def _default_asset() -> Optional[str]:
@@ -1176,10 +1172,9 @@ def run(args, argv: List[str]) -> dict:
         engine = None  # thresholds changed: compile again
     if engine is None:
         engine = compile_engine(gated, backend="reference", device="cpu", preprocess=pre)
-        if engine.config.get("input_size") is None and tuple(size) != tuple(engine.input_size):
+        if tuple(size) != tuple(engine.input_size) or (b is not None and b.config.get("input_size")):
             engine.config["input_size"] = list(size)
-    subject = Subject(gated, engine, label, source, pre, folded_only=source in ("engine-file",) or (
-        source == "default-asset" and b is not None))
+    subject = Subject(gated, engine, label, source, pre, folded_only=getattr(gated, "_manidp_from_engine", False))
     subject.calibration = calibration
 
     # ---- input batches and MACs

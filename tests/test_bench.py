@@ -315,3 +315,18 @@ def test_cuda_end_to_end(tmp_path, dtype):
             graph = methods[f"gated-{backend}-graph"]
             assert graph["status"] == "ok", graph["reason"]
             assert all(r["max_abs_diff"] < 0.1 for r in graph["results"])
+
+
+def test_checkpoint_input(tmp_path):
+    """A manidp-train checkpoint: the gated model with its BN, and the engine compiled from it."""
+    from manidp.models import build_model
+    model = build_model("dyresnet20", in_channels=1)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"arch": "dyresnet20", "state_dict": model.state_dict(),
+                "dataset": {"name": "fashion-mnist", "input_size": [32, 32]}}, path)
+    gated, engine, source, pre = bench._load_model_file(str(path))
+    assert source == "checkpoint" and not getattr(gated, "_manidp_from_engine", False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) and m.eps > 0 for m in gated.modules())
+    assert engine.config["arch"] == "dyresnet20" and pre is not None and pre["pad"] == 2
+    torch.save({"arch": "resnet20", "state_dict": build_model("resnet20").state_dict()}, tmp_path / "d.pt")
+    assert "dense model" in _error(["--model", str(tmp_path / "d.pt")])
