@@ -276,6 +276,16 @@ class DynamicResNet(nn.Module):
         """Dense MAC count for :attr:`input_size` inputs."""
         return self.dense_macs_for(self.input_size)
 
+    def capture(self, batch_size: int, **kwargs):
+        """Record the whole forward for ``batch_size`` inputs in a CUDA graph (GPU backends).
+
+        Returns a callable ``fwd(x)`` that copies ``x`` into the graph's static
+        input, replays it and returns the logits; see
+        :func:`manidp.deploy.cuda_graph.capture` for the options.
+        """
+        from .cuda_graph import capture
+        return capture(self, batch_size, **kwargs)
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Turn raw uint8 images ((N, H, W) or (N, C, H, W)) into this model's input.
 
