@@ -56,7 +56,9 @@ def _model_from_ckpt(ckpt: dict, path: str) -> nn.Module:
         arch = "dy" + arch
     num_classes = int(ckpt.get("num_classes", state["fc.weight"].shape[0]))
     in_channels = int(ckpt.get("in_channels", state["conv1.weight"].shape[1]))
-    model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    gate_kw = {k: args[k] for k in ("squeeze_rate", "clamp_max") if args.get(k) is not None}
+    model = build_model(arch, num_classes=num_classes, in_channels=in_channels, **gate_kw)
     missing = load_dense_state_dict(model, state)
     if any(".gate" in k for k in missing):
         raise EngineFormatError(f"{path!r} holds a dense model; train it with ManiDP before compiling")
