@@ -1,0 +1,74 @@
+"""Shared fixtures of the training-side tests: tiny synthetic runs and subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    """Register the ``slow`` marker (slow tests still run by default; ``-m 'not slow'`` skips them)."""
+    config.addinivalue_line("markers", "slow: longer end-to-end training runs (still part of the default suite)")
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a child ``python -m manidp...`` that imports this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_module(module: str, args, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` to completion, capturing its output."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Small enough to train in a few seconds on 2 CPU cores, big enough for gates to differ.
+SYNTH = dict(dataset="synthetic", train_subset=192, test_subset=64, batch_size=32, ngpu=0, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def dense_synthetic(tmp_path_factory) -> str:
+    """Directory holding a dense resnet20 trained briefly on the synthetic set (the pretrain)."""
+    from manidp.train import train
+    out = tmp_path_factory.mktemp("dense_synth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(arch="resnet20", dense=True, epochs=3, lr=0.1, save_path=str(out), manualSeed=3, **SYNTH)
+    return str(out)
+
+
+def gated_args(save_path, pretrain: str, **kw) -> dict:
+    """Keyword arguments of a short deterministic ManiDP run on the synthetic set."""
+    args = dict(SYNTH, arch="dyresnet20", epochs=3, lr=0.02, target_remain_rate=0.5, pretrain_path=pretrain,
+                save_path=str(save_path), manualSeed=7, deterministic=True)
+    args.update(kw)
+    return args
+
+
+def cli_flags(kwargs: dict) -> list:
+    """The ``manidp-train`` command line equivalent to ``train(**kwargs)``."""
+    flags = []
+    for k, v in kwargs.items():
+        if v is True:
+            flags.append(f"--{k}")
+        elif v is not False and v is not None:
+            flags += [f"--{k}", str(v)]
+    return flags
+
+
+def state_dicts_equal(a: dict, b: dict) -> bool:
+    """Bit-for-bit equality of two state dicts."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
