@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "manidp_cpu.h"
@@ -85,8 +86,9 @@ void relu_scale_pool(float* a, int64_t k, int64_t hw, const float* scale, float*
 
 // out[c] = relu(res[c] + scale[c] * b[pos[c]]) where pos[c] >= 0, relu(res[c]) elsewhere, for one
 // instance's (C, hw) maps.  `b` may be null when every addend is a constant: then add_const[c].
+// With inactive_only, channels with pos[c] >= 0 are left alone (already written).
 void residual_epilogue(float* out, const float* res, int64_t c, int64_t hw, const float* b, const int32_t* pos,
-                       const float* scale, const float* add_const) {
+                       const float* scale, const float* add_const, bool inactive_only) {
   at::parallel_for(0, c, std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)), [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
       float* o = out + ch * hw;
@@ -94,6 +96,8 @@ void residual_epilogue(float* out, const float* res, int64_t c, int64_t hw, cons
       const int32_t k = pos[ch];
       if (k < 0) {
         for (int64_t i = 0; i < hw; ++i) o[i] = r[i] < 0.f ? 0.f : r[i];
+      } else if (inactive_only) {
+        continue;
       } else if (b == nullptr) {
         const float add = add_const[ch];
         for (int64_t i = 0; i < hw; ++i) { const float v = r[i] + add; o[i] = v < 0.f ? 0.f : v; }
@@ -114,10 +118,69 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight, const at::
 
 // ------------------------------------------------------------------ per-instance strategy
 
-// Instance n end to end: compact conv1 (gate folded into the weights), gate2, compact conv2,
-// residual epilogue.  Uses every thread when called outside a parallel region.
-void run_instance(const Block& B, State& S, int64_t n) {
+// Whether instance convs on an ho x wo output use the in-place gathered conv (gconv) rather
+// than gathering weights for the library conv.  oneDNN's direct conv wins on large maps (the
+// im2col panels cost more there), gconv on small ones where weight traffic dominates.
+bool use_gconv(int64_t hw) {
+  static const int64_t max_hw = [] {
+    const char* env = std::getenv("MANIDP_GCONV_MAX_HW");
+    return env ? std::atoll(env) : int64_t{400};
+  }();
+  return detail::gconv_available() && hw <= max_hw;
+}
+
+// Conv1 of instance n with the gate folded in: a (k1, Ho, Wo) = relu(g1 * (W1[A1] x + b1[A1])),
+// and pooled[j] = mean of a[j].
+at::Tensor instance_conv1(const Block& B, int64_t n, const int32_t* a1, int32_t k1, const float* s1, float* pooled) {
   const auto fopt = B.x.options();
+  std::vector<float> bias(k1);
+  for (int32_t j = 0; j < k1; ++j) bias[j] = B.b1.data_ptr<float>()[a1[j]];
+  if (use_gconv(B.hw())) {
+    at::Tensor a = at::empty({1, k1, B.ho, B.wo}, fopt);
+    detail::GConvArgs g;
+    g.x = B.x.data_ptr<float>() + n * B.cin * B.hw_in();
+    g.nch = B.cin; g.h = B.h; g.w = B.w; g.stride = B.stride; g.ho = B.ho; g.wo = B.wo; g.hw = B.hw();
+    g.weight = B.w1.data_ptr<float>(); g.ldw = B.cin * kTaps; g.rows = a1; g.m = k1;
+    g.bias = bias.data(); g.scale = s1; g.out = a.data_ptr<float>(); g.pooled = pooled;
+    detail::gconv(g);
+    return a;
+  }
+  // relu(g * (W x + b)) == relu((g W) x + g b) since g > 0: the gate rides on the weights.
+  at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
+  gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, a1, k1, s1);
+  for (int32_t j = 0; j < k1; ++j) bc.data_ptr<float>()[j] = s1[j] * bias[j];
+  at::Tensor a = conv3x3(B.x.narrow(0, n, 1), wc, bc, B.stride);
+  relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled);
+  return a;
+}
+
+// Conv2 of instance n plus the residual epilogue: out[c] = relu(res[c] + g2[c] * (W2[c, A1] a + b2[c]))
+// for c in A2, relu(res[c]) elsewhere.
+void instance_conv2(const Block& B, const at::Tensor& a, const int32_t* a1, int32_t k1, const int32_t* a2, int32_t k2,
+                    const float* s2, const int32_t* pos, float* out_n, const float* res_n) {
+  const auto fopt = B.x.options();
+  std::vector<float> bias(k2);
+  for (int32_t k = 0; k < k2; ++k) bias[k] = B.b2.data_ptr<float>()[a2[k]];
+  if (use_gconv(B.hw())) {
+    detail::GConvArgs g;
+    g.x = a.data_ptr<float>();
+    g.nch = k1; g.h = B.ho; g.w = B.wo; g.stride = 1; g.ho = B.ho; g.wo = B.wo; g.hw = B.hw();
+    g.weight = B.w2.data_ptr<float>(); g.ldw = B.c * kTaps; g.rows = a2; g.cols = a1; g.m = k2;
+    g.bias = bias.data(); g.scale = s2; g.out = out_n; g.residual = res_n; g.out_rows = a2;
+    detail::gconv(g);
+    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos, nullptr, nullptr, /*inactive_only=*/true);
+    return;
+  }
+  at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
+  gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2, a1, k1);
+  for (int32_t k = 0; k < k2; ++k) bc.data_ptr<float>()[k] = s2[k] * bias[k];
+  at::Tensor b = conv3x3(a, wc, bc, 1);
+  residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos, nullptr, nullptr, false);
+}
+
+// Instance n end to end: compact conv1, gate2, compact conv2 with the residual epilogue.
+// Uses every thread when called outside a parallel region.
+void run_instance(const Block& B, State& S, int64_t n) {
   const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
   const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
   const float* g1 = S.g1.data_ptr<float>() + n * B.c;
@@ -127,13 +190,8 @@ void run_instance(const Block& B, State& S, int64_t n) {
 
   at::Tensor a;
   if (k1 > 0) {
-    // relu(g * (W x + b)) == relu((g W) x + g b) since g > 0: the gate rides on the weights.
-    at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
-    gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, a1, k1, s1.data());
-    gather_rows(bc.data_ptr<float>(), B.b1.data_ptr<float>(), 1, a1, k1, s1.data());
-    a = conv3x3(B.x.narrow(0, n, 1), wc, bc, B.stride);
     std::vector<float> pooled(k1);
-    relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled.data());
+    a = instance_conv1(B, n, a1, k1, s1.data(), pooled.data());
     for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
   }
 
@@ -152,15 +210,11 @@ void run_instance(const Block& B, State& S, int64_t n) {
   float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
   const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
   if (k2 > 0 && k1 > 0) {
-    at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
-    gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2.data(), a1, k1);
-    gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, a2, k2, s2.data());
-    at::Tensor b = conv3x3(a, wc, bc, 1);
-    residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos.data(), nullptr, nullptr);
+    instance_conv2(B, a, a1, k1, a2, k2, s2.data(), pos.data(), out_n, res_n);
   } else {
     // No input channel: conv2 is its bias alone (scaled) on the active outputs.
     for (int32_t k = 0; k < k2; ++k) add_const[a2[k]] = s2[k] * B.b2.data_ptr<float>()[a2[k]];
-    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data());
+    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data(), false);
   }
 }
 
@@ -254,9 +308,9 @@ void run_union(const Block& B, State& S) {
     const float* res_i = S.residual.data_ptr<float>() + i * B.c * B.hw();
     if (b.defined())
       residual_epilogue(out_i, res_i, B.c, B.hw(), b.data_ptr<float>() + i * k2 * B.hw(), pos.data(),
-                        scale.data(), nullptr);
+                        scale.data(), nullptr, false);
     else
-      residual_epilogue(out_i, res_i, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data());
+      residual_epilogue(out_i, res_i, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data(), false);
   }
 }
 

@@ -72,7 +72,7 @@ GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, 
   TORCH_CHECK(fc1.is_contiguous() && fc2.is_contiguous() && bias.is_contiguous(), "manidp::", op, ": ", name,
               " tensors must be contiguous");
   return GateParams{fc1.data_ptr<float>(), fc2.data_ptr<float>(), bias.data_ptr<float>(),
-                    threshold.item<float>(), static_cast<float>(clamp_max), cin, hidden, c};
+                    *threshold.data_ptr<float>(), static_cast<float>(clamp_max), cin, hidden, c};  // not item(): no dispatch
 }
 
 // relu and clamp written so that NaN propagates as in torch (and then counts as inactive).

@@ -59,6 +59,29 @@ GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, 
 // returns the active count.  `hidden_buf` needs p.hidden floats.
 int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf);
 
+// One instance's gathered 3x3 conv (padding 1) that reads weights in place (gconv_cpu.cpp):
+//   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * 9 + t] * patch_t(x[j], p))
+// with col(j) = cols ? cols[j] : j.  Epilogue: without `residual`, out (m, hw) = relu(y) and, if
+// `pooled`, pooled[r] = mean_p out[r, p]; with `residual`,
+// out[out_rows[r], :] = relu(residual[out_rows[r], :] + y[r, :]) (in place allowed).
+struct GConvArgs {
+  const float* x = nullptr;  // (nch, h, w)
+  int64_t nch = 0, h = 0, w = 0, stride = 1, ho = 0, wo = 0, hw = 0;
+  const float* weight = nullptr;  // rows of ldw floats
+  int64_t ldw = 0;
+  const int32_t* rows = nullptr;
+  const int32_t* cols = nullptr;
+  int64_t m = 0;
+  const float* bias = nullptr;   // (m,)
+  const float* scale = nullptr;  // (m,) or null
+  float* out = nullptr;
+  const float* residual = nullptr;
+  const int32_t* out_rows = nullptr;
+  float* pooled = nullptr;
+};
+bool gconv_available();
+void gconv(const GConvArgs& a);
+
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);
 float sum(const float* a, int64_t n);

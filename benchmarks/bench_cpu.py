@@ -1,0 +1,223 @@
+"""Benchmark the C++ ``cpu`` backend against the dense network on this CPU (fp32).
+
+For each model (random weights, BN statistics and gate thresholds calibrated so that
+dynamic MACs are about ``--target`` of dense, gates counted) and batch size it times:
+
+* ``dense``:  the dense network (``manidp.models.resnetXX``) with the gated model's weights
+  minus the gates, eager PyTorch, the better of contiguous and channels-last;
+* ``masked``: the original masked forward (the gated training model in eval mode: dense
+  convs, then multiply by the mask);
+* ``engine``: the compiled :class:`DynamicResNet` with backend ``cpu``.
+
+Speedups are dense time / engine time; the ideal is dense MACs / mean dynamic MACs of
+the same timed instances.  Times are medians over ``--iters`` iterations after
+``--warmup`` untimed ones, rotating through ``--rotate`` different input batches.
+
+    .venv/bin/python benchmarks/bench_cpu.py                 # full run, writes results
+    .venv/bin/python benchmarks/bench_cpu.py --quick --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from manidp.calibrate import calibrate_bn, calibrate_target_macs
+from manidp.deploy import compile
+from manidp.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {"resnet56": (32, 10), "resnet34": (224, 1000)}  # input size, classes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--target", type=float, default=0.4, help="dynamic MACs / dense MACs to calibrate for")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations (0: 30 at batch 1, 7 at larger batch)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rotate", type=int, default=4, help="different input batches cycled through")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--calib-batch", type=int, default=32, help="batch the thresholds are calibrated on")
+    p.add_argument("--mode", default="auto", choices=["auto", "instance", "union"], help="cpu backend strategy")
+    p.add_argument("--skip-masked", action="store_true", help="do not time the masked forward")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table of the engine per case")
+    p.add_argument("--quick", action="store_true", help="few iterations, for development")
+    p.add_argument("--no-write", action="store_true", help="print only, write no result files")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- models
+def build_models(arch: str, target: float, calib_batch: int, seed: int):
+    """(gated model calibrated to ``target``, dense model with the same weights, achieved fraction)."""
+    size, classes = MODELS[arch]
+    torch.manual_seed(seed)
+    gated = build_model("dy" + arch, num_classes=classes)
+    x = torch.randn(calib_batch, 3, size, size)
+    calibrate_bn(gated, x)
+    frac = calibrate_target_macs(gated, x, target)
+    gated.eval()
+    dense = build_model(arch, num_classes=classes)
+    state = {k: v for k, v in gated.state_dict().items() if ".gate1." not in k and ".gate2." not in k}
+    dense.load_state_dict(state)
+    return gated, dense.eval(), frac
+
+
+# ---------------------------------------------------------------- timing
+def time_fn(fn, inputs, iters: int, warmup: int) -> dict:
+    """Median/min/mean milliseconds of ``fn(x)`` cycling through ``inputs``."""
+    with torch.inference_mode():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+        ts = []
+        for i in range(iters):
+            x = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            fn(x)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "mean_ms": statistics.fmean(ts), "iters": iters}
+
+
+def time_dense(dense, inputs, iters, warmup):
+    """Best of contiguous and channels-last layouts."""
+    res = {"contiguous": time_fn(dense, inputs, iters, warmup)}
+    cl_model = dense.to(memory_format=torch.channels_last)
+    cl_inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    res["channels_last"] = time_fn(cl_model, cl_inputs, iters, warmup)
+    dense.to(memory_format=torch.contiguous_format)
+    best = min(res, key=lambda k: res[k]["median_ms"])
+    return dict(res[best], layout=best, layouts={k: v["median_ms"] for k, v in res.items()})
+
+
+def profile_table(engine, x, rows: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode():
+        for _ in range(2):
+            engine(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                engine(x)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def bench_case(arch, batch, gated, dense, engine, args):
+    size, _ = MODELS[arch]
+    iters = args.iters or (30 if batch == 1 else 7)
+    if args.quick:
+        iters = max(3, iters // 3)
+    g = torch.Generator().manual_seed(1000 + batch)
+    inputs = [torch.randn(batch, 3, size, size, generator=g) for _ in range(args.rotate)]
+    with torch.inference_mode():
+        macs = torch.cat([engine(x, return_stats=True)[1]["macs"] for x in inputs])
+    dense_macs = engine.dense_macs_for((size, size))
+    res = {"arch": arch, "batch": batch, "input_size": [size, size], "dense_macs": dense_macs,
+           "dynamic_macs_mean": float(macs.mean()), "ideal_speedup": dense_macs / float(macs.mean())}
+    res["dense"] = time_dense(dense, inputs, iters, args.warmup)
+    if not args.skip_masked:
+        res["masked"] = time_fn(gated, inputs, iters, args.warmup)
+    res["engine"] = time_fn(engine, inputs, iters, args.warmup)
+    res["speedup"] = res["dense"]["median_ms"] / res["engine"]["median_ms"]
+    res["fraction_of_ideal"] = res["speedup"] / res["ideal_speedup"]
+    if "masked" in res:
+        res["masked_vs_dense"] = res["masked"]["median_ms"] / res["dense"]["median_ms"]
+    if args.profile:
+        res["profile"] = profile_table(engine, inputs[0])
+    return res
+
+
+# ---------------------------------------------------------------- report
+def environment(argv) -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain", "--", "csrc", "manidp"], cwd=ROOT,
+                                             text=True).strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "git_commit": commit, "source_dirty": dirty,
+            "loadavg_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/bench_cpu.py", *argv])}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# CPU backend benchmark ({env['date']})", "",
+             f"- CPU: {env['cpu']}, {env['cores']} cores, torch threads {env['torch_threads']}",
+             f"- torch {env['torch']}, python {env['python']}, commit `{env['git_commit']}`"
+             + (" (uncommitted changes in csrc/ or manidp/)" if env.get("source_dirty") else ""),
+             f"- load average at start {tuple(round(v, 2) for v in env['loadavg_start'])}, "
+             f"at end {tuple(round(v, 2) for v in env['loadavg_end'])}",
+             f"- command: `{env['command']}`",
+             f"- fp32, random weights, thresholds calibrated to {report['target']:.2f} of dense MACs "
+             f"(achieved on the calibration batch: "
+             + ", ".join(f"{a} {f:.3f}" for a, f in report["calibrated_fraction"].items()) + ")",
+             "- times: median ms; speedup = dense / engine; ideal = dense MACs / dynamic MACs (gates counted)",
+             "",
+             "| model | batch | dense ms (layout) | masked ms | engine ms | speedup | ideal | of ideal | masked/dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        masked = f"{r['masked']['median_ms']:.2f}" if "masked" in r else "-"
+        mvd = f"{r['masked_vs_dense']:.2f}x" if "masked_vs_dense" in r else "-"
+        lines.append(f"| {r['arch']} {r['input_size'][0]}x{r['input_size'][1]} | {r['batch']} | "
+                     f"{r['dense']['median_ms']:.2f} ({r['dense']['layout']}) | {masked} | "
+                     f"{r['engine']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['fraction_of_ideal']:.2f} | {mvd} |")
+    for r in report["results"]:
+        if "profile" in r:
+            lines += ["", f"## Profile: {r['arch']} batch {r['batch']} (engine, 5 calls)", "", "```",
+                      r["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"environment": environment(argv), "target": args.target, "mode": args.mode,
+              "calibrated_fraction": {}, "results": []}
+    for arch in args.archs:
+        gated, dense, frac = build_models(arch, args.target, args.calib_batch, args.seed)
+        report["calibrated_fraction"][arch] = frac
+        engine = compile(gated, backend="cpu")
+        engine.backend.mode = args.mode
+        for batch in args.batches:
+            r = bench_case(arch, batch, gated, dense, engine, args)
+            report["results"].append(r)
+            print(f"{arch:9s} b{batch:<3d} dense {r['dense']['median_ms']:8.2f} ms  "
+                  + (f"masked {r['masked']['median_ms']:8.2f} ms  " if "masked" in r else "")
+                  + f"engine {r['engine']['median_ms']:8.2f} ms  speedup {r['speedup']:.2f}x "
+                  f"(ideal {r['ideal_speedup']:.2f}x, {r['fraction_of_ideal']:.2f} of ideal)", flush=True)
+    report["environment"]["loadavg_end"] = os.getloadavg()
+    md = markdown(report)
+    print(md)
+    if not args.no_write:
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"cpu_{datetime.date.today().isoformat()}")
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+        print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
