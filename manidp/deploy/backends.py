@@ -52,6 +52,10 @@ class Backend:
     def prepare(self, engine) -> None:
         """Precompute layouts from ``engine``'s tensors (called after every move/cast)."""
 
+    def prepare_stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The layout of the network input the (dense) stem runs on."""
+        return x
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The layout of the block input this backend wants."""
         return x.contiguous()

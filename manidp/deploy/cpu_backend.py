@@ -35,6 +35,10 @@ class CpuBackend(Backend):
 
     def prepare(self, engine) -> None:
         """Cache the op's argument tuple per block (contiguous fp32 tensors, no copies if already so)."""
+        # The ImageNet stem (7x7 conv + max-pool on a large map) runs about 4x faster on
+        # channels-last data (measured 15 ms -> 3.9 ms at 224x224, one thread); the CIFAR stem
+        # is faster as it is.
+        self._stem_channels_last = bool(engine.config["stem"].get("maxpool", False))
         for blk in engine.blocks:
             f = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
             sc = (f(blk.shortcut.weight), f(blk.shortcut.bias)) if blk.has_shortcut else (None, None)
@@ -43,6 +47,11 @@ class CpuBackend(Backend):
                 gates += [f(gate.fc1), f(gate.fc2), f(gate.fc2_bias), f(gate.threshold).reshape(())]
             blk.cache["cpu"] = (f(blk.conv1.weight), f(blk.conv1.bias), f(blk.conv2.weight), f(blk.conv2.bias),
                                 *sc, *gates, float(blk.gate1.clamp_max), int(blk.stride))
+
+    def prepare_stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_stem_channels_last", False):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def block(self, blk, x: torch.Tensor) -> BlockResult:
         args = blk.cache["cpu"]

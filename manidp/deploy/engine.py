@@ -215,6 +215,7 @@ class DynamicResNet(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config["stem"]
+        x = self.backend.prepare_stem_input(x)
         w, b = self.stem.weight.to(x.dtype), self.stem.bias.to(x.dtype)
         x = F.relu(F.conv2d(x, w, b, stride=s["stride"], padding=s["padding"]))
         return F.max_pool2d(x, 3, 2, 1) if s["maxpool"] else x
