@@ -118,104 +118,131 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight, const at::
 
 // ------------------------------------------------------------------ per-instance strategy
 
-// Whether instance convs on an ho x wo output use the in-place gathered conv (gconv) rather
-// than gathering weights for the library conv.  oneDNN's direct conv wins on large maps (the
-// im2col panels cost more there), gconv on small ones where weight traffic dominates.
-bool use_gconv(int64_t hw) {
-  static const int64_t max_hw = [] {
-    const char* env = std::getenv("MANIDP_GCONV_MAX_HW");
-    return env ? std::atoll(env) : int64_t{400};
+// Whether the instance convs use gconv (weights read in place, AVX-512) or gather weights for
+// the library conv.  gconv needs AVX-512 and stride 1 or 2 (ResNets use nothing else).
+// MANIDP_GCONV=0 in the environment forces the library path (for comparisons).
+bool use_gconv(const Block& B) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MANIDP_GCONV");
+    return !(env && env[0] == '0');
   }();
-  return detail::gconv_available() && hw <= max_hw;
+  return enabled && detail::gconv_available() && (B.stride == 1 || B.stride == 2);
 }
 
-// Conv1 of instance n with the gate folded in: a (k1, Ho, Wo) = relu(g1 * (W1[A1] x + b1[A1])),
-// and pooled[j] = mean of a[j].
-at::Tensor instance_conv1(const Block& B, int64_t n, const int32_t* a1, int32_t k1, const float* s1, float* pooled) {
-  const auto fopt = B.x.options();
-  std::vector<float> bias(k1);
-  for (int32_t j = 0; j < k1; ++j) bias[j] = B.b1.data_ptr<float>()[a1[j]];
-  if (use_gconv(B.hw())) {
-    at::Tensor a = at::empty({1, k1, B.ho, B.wo}, fopt);
-    detail::GConvArgs g;
-    g.x = B.x.data_ptr<float>() + n * B.cin * B.hw_in();
-    g.nch = B.cin; g.h = B.h; g.w = B.w; g.stride = B.stride; g.ho = B.ho; g.wo = B.wo; g.hw = B.hw();
-    g.weight = B.w1.data_ptr<float>(); g.ldw = B.cin * kTaps; g.rows = a1; g.m = k1;
-    g.bias = bias.data(); g.scale = s1; g.out = a.data_ptr<float>(); g.pooled = pooled;
-    detail::gconv(g);
-    return a;
+// Gate values and bias entries of the active channels `idx[0:k]`.
+void take(const float* src, const int32_t* idx, int32_t k, float* dst) {
+  for (int32_t j = 0; j < k; ++j) dst[j] = src[idx[j]];
+}
+
+// Gate 2 of instance n from its pooled conv1 output; fills S.g2/idx2/cnt2 and returns the count.
+int32_t instance_gate2(const Block& B, State& S, int64_t n) {
+  std::vector<float> hidden(B.gate2.hidden);
+  const int32_t k2 = detail::gate_one(B.gate2, S.pooled2.data_ptr<float>() + n * B.c, S.g2.data_ptr<float>() + n * B.c,
+                                      S.idx2.data_ptr<int32_t>() + n * B.c, hidden.data());
+  S.cnt2.data_ptr<int32_t>()[n] = k2;
+  return k2;
+}
+
+// out[c] = relu(res[c] + g2[c] * b2[c]) for active c, relu(res[c]) elsewhere: conv2 with no input channel.
+void bias_only_conv2(const Block& B, const int32_t* a2, int32_t k2, const float* s2, const int32_t* pos, float* out_n,
+                     const float* res_n) {
+  std::vector<float> add_const(B.c, 0.f);
+  for (int32_t k = 0; k < k2; ++k) add_const[a2[k]] = s2[k] * B.b2.data_ptr<float>()[a2[k]];
+  residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos, nullptr, add_const.data(), false);
+}
+
+// Instance n with gconv: x is packed into padded planes, conv1 writes relu(g1 * (W1[A1] x + b1))
+// straight into conv2's padded input planes and pools it, gate 2 runs, conv2 adds
+// g2 * (W2[A2, A1] a + b2) to the residual in the block output.
+void run_instance_gconv(const Block& B, State& S, int64_t n) {
+  const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
+  const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
+  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
+  const detail::PlaneGeometry g1 = detail::plane_geometry(B.h, B.w, B.stride);
+  const detail::PlaneGeometry g2 = detail::plane_geometry(B.ho, B.wo, 1);
+  std::vector<float> abuf;
+  if (k1 > 0) {
+    std::vector<float> xbuf(B.cin * g1.cstride), s1(k1), bias(k1), pooled(k1);
+    detail::pack_planes(g1, B.x.data_ptr<float>() + n * B.cin * B.hw_in(), B.cin, xbuf.data());
+    take(S.g1.data_ptr<float>() + n * B.c, a1, k1, s1.data());
+    take(B.b1.data_ptr<float>(), a1, k1, bias.data());
+    abuf.assign(k1 * g2.cstride, 0.f);  // zero borders are conv2's padding
+    detail::GConvArgs c;
+    c.in = xbuf.data(); c.geom = g1; c.nch = B.cin;
+    c.weight = B.w1.data_ptr<float>(); c.ldw = B.cin * kTaps; c.rows = a1; c.m = k1;
+    c.bias = bias.data(); c.scale = s1.data();
+    c.out = abuf.data(); c.out_chan_stride = g2.cstride; c.out_row_stride = g2.wq; c.out_offset = g2.wq + 1;
+    c.pooled = pooled.data();
+    detail::gconv(c);
+    for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
   }
-  // relu(g * (W x + b)) == relu((g W) x + g b) since g > 0: the gate rides on the weights.
-  at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
-  gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, a1, k1, s1);
-  for (int32_t j = 0; j < k1; ++j) bc.data_ptr<float>()[j] = s1[j] * bias[j];
-  at::Tensor a = conv3x3(B.x.narrow(0, n, 1), wc, bc, B.stride);
-  relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled);
-  return a;
+  const int32_t k2 = instance_gate2(B, S, n);
+  const int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
+  std::vector<int32_t> pos(B.c, -1);
+  for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
+  std::vector<float> s2(k2), bias2(k2);
+  take(S.g2.data_ptr<float>() + n * B.c, a2, k2, s2.data());
+  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
+  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
+  if (k1 == 0 || k2 == 0) {
+    bias_only_conv2(B, a2, k2, s2.data(), pos.data(), out_n, res_n);
+    return;
+  }
+  take(B.b2.data_ptr<float>(), a2, k2, bias2.data());
+  detail::GConvArgs c;
+  c.in = abuf.data(); c.geom = g2; c.nch = k1;
+  c.weight = B.w2.data_ptr<float>(); c.ldw = B.c * kTaps; c.rows = a2; c.cols = a1; c.m = k2;
+  c.bias = bias2.data(); c.scale = s2.data();
+  c.out = out_n; c.residual = res_n; c.out_chans = a2;
+  c.out_chan_stride = B.hw(); c.out_row_stride = B.wo; c.out_offset = 0;
+  detail::gconv(c);
+  residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, nullptr, /*inactive_only=*/true);
 }
 
-// Conv2 of instance n plus the residual epilogue: out[c] = relu(res[c] + g2[c] * (W2[c, A1] a + b2[c]))
-// for c in A2, relu(res[c]) elsewhere.
-void instance_conv2(const Block& B, const at::Tensor& a, const int32_t* a1, int32_t k1, const int32_t* a2, int32_t k2,
-                    const float* s2, const int32_t* pos, float* out_n, const float* res_n) {
+// Instance n with the library conv: weights of the active channels are gathered (gate values
+// folded in: relu(g (W x + b)) == relu((g W) x + g b) as g > 0) and at::conv2d runs on
+// compact tensors.
+void run_instance_library(const Block& B, State& S, int64_t n) {
   const auto fopt = B.x.options();
-  std::vector<float> bias(k2);
-  for (int32_t k = 0; k < k2; ++k) bias[k] = B.b2.data_ptr<float>()[a2[k]];
-  if (use_gconv(B.hw())) {
-    detail::GConvArgs g;
-    g.x = a.data_ptr<float>();
-    g.nch = k1; g.h = B.ho; g.w = B.wo; g.stride = 1; g.ho = B.ho; g.wo = B.wo; g.hw = B.hw();
-    g.weight = B.w2.data_ptr<float>(); g.ldw = B.c * kTaps; g.rows = a2; g.cols = a1; g.m = k2;
-    g.bias = bias.data(); g.scale = s2; g.out = out_n; g.residual = res_n; g.out_rows = a2;
-    detail::gconv(g);
-    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos, nullptr, nullptr, /*inactive_only=*/true);
+  const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
+  const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
+  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
+  std::vector<float> s1(k1);
+  take(S.g1.data_ptr<float>() + n * B.c, a1, k1, s1.data());
+  at::Tensor a;
+  if (k1 > 0) {
+    at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
+    gather_rows(wc.data_ptr<float>(), B.w1.data_ptr<float>(), B.cin * kTaps, a1, k1, s1.data());
+    gather_rows(bc.data_ptr<float>(), B.b1.data_ptr<float>(), 1, a1, k1, s1.data());
+    a = conv3x3(B.x.narrow(0, n, 1), wc, bc, B.stride);
+    std::vector<float> pooled(k1);
+    relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled.data());
+    for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
+  }
+  const int32_t k2 = instance_gate2(B, S, n);
+  const int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
+  std::vector<int32_t> pos(B.c, -1);
+  for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
+  std::vector<float> s2(k2);
+  take(S.g2.data_ptr<float>() + n * B.c, a2, k2, s2.data());
+  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
+  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
+  if (k1 == 0 || k2 == 0) {
+    bias_only_conv2(B, a2, k2, s2.data(), pos.data(), out_n, res_n);
     return;
   }
   at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
-  gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2, a1, k1);
-  for (int32_t k = 0; k < k2; ++k) bc.data_ptr<float>()[k] = s2[k] * bias[k];
+  gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2.data(), a1, k1);
+  gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, a2, k2, s2.data());
   at::Tensor b = conv3x3(a, wc, bc, 1);
-  residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos, nullptr, nullptr, false);
+  residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos.data(), nullptr, nullptr, false);
 }
 
-// Instance n end to end: compact conv1, gate2, compact conv2 with the residual epilogue.
-// Uses every thread when called outside a parallel region.
 void run_instance(const Block& B, State& S, int64_t n) {
-  const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
-  const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
-  const float* g1 = S.g1.data_ptr<float>() + n * B.c;
-  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
-  std::vector<float> s1(k1);
-  for (int32_t j = 0; j < k1; ++j) s1[j] = g1[a1[j]];
-
-  at::Tensor a;
-  if (k1 > 0) {
-    std::vector<float> pooled(k1);
-    a = instance_conv1(B, n, a1, k1, s1.data(), pooled.data());
-    for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
-  }
-
-  std::vector<float> hidden(B.gate2.hidden);
-  float* g2 = S.g2.data_ptr<float>() + n * B.c;
-  int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
-  const int32_t k2 = detail::gate_one(B.gate2, pooled2, g2, a2, hidden.data());
-  S.cnt2.data_ptr<int32_t>()[n] = k2;
-
-  std::vector<int32_t> pos(B.c, -1);
-  std::vector<float> s2(k2), add_const(B.c, 0.f);
-  for (int32_t k = 0; k < k2; ++k) {
-    pos[a2[k]] = k;
-    s2[k] = g2[a2[k]];
-  }
-  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
-  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
-  if (k2 > 0 && k1 > 0) {
-    instance_conv2(B, a, a1, k1, a2, k2, s2.data(), pos.data(), out_n, res_n);
-  } else {
-    // No input channel: conv2 is its bias alone (scaled) on the active outputs.
-    for (int32_t k = 0; k < k2; ++k) add_const[a2[k]] = s2[k] * B.b2.data_ptr<float>()[a2[k]];
-    residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, add_const.data(), false);
-  }
+  if (use_gconv(B))
+    run_instance_gconv(B, S, n);
+  else
+    run_instance_library(B, S, n);
 }
 
 void run_per_instance(const Block& B, State& S) {

@@ -59,15 +59,29 @@ GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, 
 // returns the active count.  `hidden_buf` needs p.hidden floats.
 int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf);
 
-// One instance's gathered 3x3 conv (padding 1) that reads weights in place (gconv_cpu.cpp):
-//   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * 9 + t] * patch_t(x[j], p))
-// with col(j) = cols ? cols[j] : j.  Epilogue: without `residual`, out (m, hw) = relu(y) and, if
-// `pooled`, pooled[r] = mean_p out[r, p]; with `residual`,
-// out[out_rows[r], :] = relu(residual[out_rows[r], :] + y[r, :]) (in place allowed).
+// ---- gconv: one instance's gathered 3x3 conv (padding 1) reading weights in place (gconv_cpu.cpp)
+
+// Layout of a conv input as zero-padded planes: channel j, tap t (= ky * 3 + kx) of the
+// output pixel with q-index q (= oy * wq + ox) is buf[j * cstride + toff[t] + q].
+struct PlaneGeometry {
+  int64_t h = 0, w = 0, stride = 1, ho = 0, wo = 0;
+  int64_t wq = 0, hq = 0, psize = 0, cstride = 0;
+  int64_t toff[9] = {};
+};
+PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1 or 2
+// Fills buf (nch * cstride floats) from x (nch, h, w).
+void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf);
+
+//   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * 9 + t] * in(j, t, p))
+// with col(j) = cols ? cols[j] : j, then out(r, oy, ox) = relu(y + residual(r, oy, ox)) (no
+// residual: relu(y)) where out(r, oy, ox) is
+//   out[chan(r) * out_chan_stride + out_offset + oy * out_row_stride + ox],  chan(r) = out_chans ? out_chans[r] : r
+// and residual is read at the same offsets.  With `pooled`, pooled[r] = mean over pixels of out.
 struct GConvArgs {
-  const float* x = nullptr;  // (nch, h, w)
-  int64_t nch = 0, h = 0, w = 0, stride = 1, ho = 0, wo = 0, hw = 0;
-  const float* weight = nullptr;  // rows of ldw floats
+  const float* in = nullptr;  // planes of geom, nch channels
+  PlaneGeometry geom;
+  int64_t nch = 0;
+  const float* weight = nullptr;
   int64_t ldw = 0;
   const int32_t* rows = nullptr;
   const int32_t* cols = nullptr;
@@ -76,7 +90,8 @@ struct GConvArgs {
   const float* scale = nullptr;  // (m,) or null
   float* out = nullptr;
   const float* residual = nullptr;
-  const int32_t* out_rows = nullptr;
+  const int32_t* out_chans = nullptr;
+  int64_t out_chan_stride = 0, out_row_stride = 0, out_offset = 0;
   float* pooled = nullptr;
 };
 bool gconv_available();
