@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet20", help="dense architecture name (resnet20, resnet56, ...)")
     p.add_argument("--seeds", default="1", help="comma-separated seeds")
     p.add_argument("--targets", default="0.6,0.5", help="ManiDP target remain rates")
-    p.add_argument("--fbs-targets", default=None, help="targets of the no-manifold runs (default: all)")
+    p.add_argument("--fbs-targets", default=None,
+                   help="targets of the no-manifold runs (default: all ManiDP targets; 'none' for no run)")
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--dense-epochs", type=int, default=12)
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
-    fbs_targets = [float(t) for t in args.fbs_targets.split(",")] if args.fbs_targets else targets
+    fbs_targets = targets if args.fbs_targets is None else \
+        [] if args.fbs_targets == "none" else [float(t) for t in args.fbs_targets.split(",")]
     gated = "dy" + args.arch
     rows: List[dict] = []
     data = build_dataset("fashion-mnist", train_subset=args.train_subset, test_subset=args.test_subset)
