@@ -20,7 +20,6 @@ union of the ranks' k-th batches is the single-process k-th batch.
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 import pickle
@@ -113,6 +112,7 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
                  std: Sequence[float], augment: bool = False, pad: int = 4, flip: bool = True):
+        """Store the tensors and the normalisation/augmentation settings."""
         if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"images (N,C,H,W) and labels (N,) expected; got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -122,6 +122,7 @@ class TensorImageDataset(Dataset):
         self.augment, self.pad, self.flip = augment, int(pad), flip
 
     def __len__(self) -> int:
+        """Number of images."""
         return self.images.shape[0]
 
     def __getitem__(self, i: int):
@@ -335,6 +336,7 @@ def make_synthetic(num_train: int = 256, num_test: int = 128, num_classes: int =
     protos = F.interpolate(protos, size=(size, size), mode="bilinear", align_corners=False)
 
     def split(n: int):
+        """``n`` labelled images: a prototype per label plus Gaussian noise."""
         y = torch.randint(0, num_classes, (n,), generator=g)
         x = protos[y] + 0.8 * torch.randn(n, in_channels, size, size, generator=g)
         return TensorImageDataset(x, y, [0.0] * in_channels, [1.0] * in_channels)

@@ -159,8 +159,11 @@ def gather_batch(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     """
     if not env.active:
         return t
+    import warnings
     from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in new torch, but its replacement is not in torch 2.4
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous()), dim=0)
 
 
 def free_port() -> int:
@@ -174,6 +177,7 @@ def _spawn_entry(local_rank: int, world: int, port: int, fn: Callable, args: tup
     """Child process body: set torchrun's environment variables, then call ``fn(*args)``."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))  # share the cores, as torchrun does
     result = fn(*args)
     if out is not None:
         torch.save(result, f"{out}.rank{local_rank}")

@@ -584,6 +584,7 @@ class Run:
 
     @property
     def device(self) -> torch.device:
+        """The device this rank trains on."""
         return self.env.device
 
     def path(self, name: str) -> str:
@@ -712,7 +713,9 @@ def _wrap_ddp(net: nn.Module, env: D.DistEnv) -> nn.Module:
         return net
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DDP(net, device_ids=ids, broadcast_buffers=False)
+    with warnings.catch_warnings():  # newer torch renames the flag; torch 2.4 only knows this one
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(net, device_ids=ids, broadcast_buffers=False)
 
 
 def _prepare_save_path(args, env: D.DistEnv, state: State) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# One intra-op thread for the training-side tests: on a shared 2-core machine
+# OpenMP's spinning threads made a 2-thread run up to 20x slower than a 1-thread
+# one.  Subprocesses get the same count, which the bit-exact resume tests need
+# anyway (the thread count changes summation order).
+THREADS = 1
+MY_MODULES = {"test_models", "test_losses", "test_data", "test_train", "test_distributed"}
+
+
+@contextlib.contextmanager
+def threads(n: int = THREADS):
+    """Run the block with ``n`` torch intra-op threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(request):
+    """Apply :data:`THREADS` to the training-side test modules only (others keep their setting)."""
+    if request.module.__name__.rsplit(".", 1)[-1] not in MY_MODULES:
+        yield
+        return
+    with threads():
+        yield
+
 
 def pytest_configure(config):
     """Register the ``slow`` marker (slow tests still run by default; ``-m 'not slow'`` skips them)."""
@@ -24,7 +53,7 @@ def subprocess_env(**extra) -> dict:
     """Environment for a child ``python -m manidp...`` that imports this checkout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    env["OMP_NUM_THREADS"] = str(THREADS)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -44,7 +73,7 @@ def dense_synthetic(tmp_path_factory) -> str:
     """Directory holding a dense resnet20 trained briefly on the synthetic set (the pretrain)."""
     from manidp.train import train
     out = tmp_path_factory.mktemp("dense_synth")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threads():
         warnings.simplefilter("ignore")
         train(arch="resnet20", dense=True, epochs=3, lr=0.1, save_path=str(out), manualSeed=3, **SYNTH)
     return str(out)

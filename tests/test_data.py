@@ -94,6 +94,7 @@ def test_cifar10_bundle_normalised_and_augmented(tmp_path):
 
 
 def test_cifar10_subset_is_deterministic(tmp_path):
+    """The same --train_subset/--test_subset picks the same images every time."""
     write_cifar(tmp_path)
     a = build_dataset("cifar10", str(tmp_path), train_subset=7, test_subset=3)
     b = build_dataset("cifar10", str(tmp_path), train_subset=7, test_subset=3)
@@ -230,11 +231,13 @@ def test_sharded_batches_union_equals_single_process():
 
 
 def test_eval_shards_cover_everything_once():
+    """Evaluation shards over 3 ranks see each test image exactly once."""
     ds = TensorImageDataset(torch.zeros(11, 1, 4, 4), torch.arange(11), [0.0], [1.0])
     seen = torch.cat([y for r in range(3) for _, y in eval_batches(ds, 2, rank=r, world=3)])
     assert sorted(seen.tolist()) == list(range(11))
 
 
 def test_unknown_dataset():
+    """An unknown dataset name is a DatasetError."""
     with pytest.raises(DatasetError, match="unknown dataset"):
         build_dataset("mnist")

@@ -45,6 +45,7 @@ def test_complexity_loss_by_hand():
 
 
 def test_complexity_loss_without_gates_is_zero():
+    """A dense model has no gates: the complexity loss is 0."""
     assert complexity_loss([], torch.ones(3)).item() == 0.0
 
 
@@ -81,5 +82,6 @@ def test_similarity_loss_zero_rows_are_finite():
 
 
 def test_similarity_loss_batch_mismatch_raises():
+    """g and feat must describe the same instances."""
     with pytest.raises(ValueError):
         similarity_loss(torch.ones(2, 3), torch.ones(3, 3))

@@ -36,6 +36,7 @@ def test_remain_rate_schedule():
 
 
 def test_cosine_lr_per_iteration():
+    """lr at iteration 0, halfway and at the end of the run."""
     assert cosine_lr(0.05, 0, 100) == pytest.approx(0.05)
     assert cosine_lr(0.05, 50, 100) == pytest.approx(0.025)
     assert cosine_lr(0.05, 100, 100) == pytest.approx(0.0)
@@ -154,6 +155,7 @@ def _same_final(reference, save_path) -> None:
 
 
 class _Crash(Exception):
+    """A simulated crash (not an error the trainer handles)."""
     pass
 
 
@@ -163,6 +165,7 @@ def test_resume_equals_uninterrupted(reference, tmp_path, monkeypatch):
     finish = T._finish_epoch
 
     def crash_after(run, epoch, *a):
+        """Finish the epoch (checkpoint written), then crash after epoch 1."""
         finish(run, epoch, *a)
         if epoch == 1:
             raise _Crash()
@@ -195,6 +198,7 @@ def _wait_for(cond, proc, timeout=180.0) -> None:
 
 
 def _log_lines(path) -> int:
+    """Number of lines in a log file (0 if absent)."""
     return len(open(path).read().splitlines()) if os.path.isfile(path) else 0
 
 
@@ -233,6 +237,7 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path, dense_synthetic, monkeypat
     bad = {3, 4}
 
     def flaky(*a, **k):
+        """The real loss, turned NaN on the chosen calls."""
         calls["n"] += 1
         loss, ce, parts = real(*a, **k)
         return (loss * float("nan") if calls["n"] in bad else loss), ce, parts
@@ -269,6 +274,7 @@ def test_cli_ngpu_without_cuda_is_a_clear_error(tmp_path, capsys):
     (["--dataset", "synthetic", "--resume", "/nonexistent/ck.pth"], "does not exist"),
 ])
 def test_cli_user_errors_exit_2(tmp_path, capsys, argv, needle):
+    """Bad flags and paths: exit code 2, a message naming the problem, no traceback."""
     code = main(argv + ["--ngpu", "0", "--quiet", "--save_path", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err
@@ -309,5 +315,6 @@ def test_fashion_mnist_prune_keeps_accuracy(tmp_path):
     dense = train(arch="resnet20", dense=True, epochs=6, lr=0.1, save_path=str(tmp_path / "dense"), **data)
     r = train(arch="dyresnet20", epochs=4, lr=0.05, target_remain_rate=0.5, pretrain_path=str(tmp_path / "dense"),
               save_path=str(tmp_path / "manidp"), **data)
-    print(f"dense top1 {dense['top1']:.1f}  manidp top1 {r['top1']:.1f}  reduction {r['flops_reduction']:.3f}")
+    print(f"dense top1 {dense['top1']:.1f}  manidp top1 {r['top1']:.1f}  reduction {r['flops_reduction']:.3f}",
+          [round(h["time_s"], 1) for h in dense["history"] + r["history"]], [h["top1"] for h in r["history"]])
     assert r["top1"] >= 70.0 and r["flops_reduction"] > 0.20
