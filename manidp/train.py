@@ -721,7 +721,10 @@ def _wrap_ddp(net: nn.Module, env: D.DistEnv) -> nn.Module:
 def _prepare_save_path(args, env: D.DistEnv, state: State) -> None:
     """Create ``--save_path``, drop stale temp files, cut the log back to the resumed epoch."""
     if env.is_main:
-        os.makedirs(args.save_path, exist_ok=True)
+        try:
+            os.makedirs(args.save_path, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create --save_path {args.save_path!r}: {e}") from None
         for tmp in glob.glob(os.path.join(args.save_path, "*.pth.*.tmp")):
             os.unlink(tmp)  # left by a save that was killed before its rename
         _truncate_log(os.path.join(args.save_path, LOG), state.epoch)
@@ -745,7 +748,7 @@ def fit(run: Run) -> dict:
     args, st = run.args, run.state
     gated = not args.dense
     if gated and st.l_prev is None:  # DESIGN 1.3: before epoch 0, one eval pass over the training set
-        st.l_prev = _eval_split(run, run.data.train_eval, "L_prev", count_flops=False)["loss"]
+        st.l_prev = _initial_l_prev(run)
     for epoch in range(st.epoch, args.epochs):
         t0 = time.time()
         if gated:
@@ -756,6 +759,21 @@ def fit(run: Run) -> dict:
         metrics = _eval_split(run, run.data.test, f"test {epoch}")
         _finish_epoch(run, epoch, stats, metrics, time.time() - t0)
     return _final(run)
+
+
+def _initial_l_prev(run: Run) -> float:
+    """Mean eval-mode loss over the training set; 0 (nobody counts as easy) if it is not finite.
+
+    A network whose BatchNorm statistics do not fit it yet (e.g. no --pretrain_path)
+    can overflow in eval mode; epoch 0 then trains without the complexity term and
+    epoch 1 uses epoch 0's training loss as usual.
+    """
+    loss = _eval_split(run, run.data.train_eval, "L_prev", count_flops=False)["loss"]
+    if math.isfinite(loss):
+        return loss
+    warnings.warn(f"the initial evaluation pass gave a non-finite mean loss ({loss}); epoch 0 runs "
+                  "without the complexity loss", RuntimeWarning)
+    return 0.0
 
 
 def _maybe_calibrate(run: Run, epoch: int) -> None:

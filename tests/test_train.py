@@ -280,6 +280,13 @@ def test_cli_user_errors_exit_2(tmp_path, capsys, argv, needle):
     assert code == 2 and needle in err and "Traceback" not in err
 
 
+def test_cli_unwritable_save_path(tmp_path, capsys):
+    """A --save_path that cannot be created is a user error too."""
+    (tmp_path / "file").write_text("x")
+    code = main(["--dataset", "synthetic", "--ngpu", "0", "--quiet", "--save_path", str(tmp_path / "file" / "run")])
+    assert code == 2 and "cannot create --save_path" in capsys.readouterr().err
+
+
 def test_cli_resume_with_different_settings(tmp_path, capsys):
     """--resume refuses a run defined differently from the checkpoint."""
     base = ["--dataset", "synthetic", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
@@ -288,6 +295,34 @@ def test_cli_resume_with_different_settings(tmp_path, capsys):
     assert main(base[:-4] + ["--epochs", "1", "--save_path", str(tmp_path)]) == 0
     assert main(base + ["--resume"]) == 2
     assert "--epochs 2 (checkpoint: 1)" in capsys.readouterr().err
+
+
+def test_seed_readme_command_on_cpu(tmp_path, capsys):
+    """The seed README's command (with --ngpu=0) on tiny CIFAR-10 files and a resnet56.pth directory."""
+    from test_data import write_cifar
+    write_cifar(tmp_path / "data", per_batch=4, test=6)
+    (tmp_path / "pretrain").mkdir()
+    torch.manual_seed(0)
+    torch.save(build_model("resnet56").state_dict(), tmp_path / "pretrain" / "resnet56.pth")
+    code = main(["--ngpu=0", "--arch=dyresnet56", "--dataset=cifar10", "--target_remain_rate=0.6",
+                 "--lambda_lasso", "5e-3", "--lambda_graph", "1.0", f"--pretrain_path={tmp_path / 'pretrain'}/",
+                 f"--data_path={tmp_path / 'data'}", "--epochs", "2", "--batch_size", "10",
+                 f"--save_path={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "resnet56.pth" in out and "done: top1" in out
+    ck = load_checkpoint(str(tmp_path / "run" / "last.pth"))
+    assert ck["arch"] == "dyresnet56" and ck["dataset"]["num_train"] == 20 and ck["epoch"] == 1
+
+
+def test_image_folder_end_to_end(tmp_path):
+    """ImageFolder data through DataLoader workers into a gated ImageNet ResNet at 32x32."""
+    from test_data import write_image_folder
+    write_image_folder(tmp_path / "data", per_class=3, size=40)
+    r = train(arch="dyresnet18", dataset="imagenet", data_path=str(tmp_path / "data"), image_size=32,
+              workers=2, epochs=2, batch_size=3, lr=0.01, ngpu=0, quiet=True, manualSeed=1,
+              save_path=str(tmp_path / "run"))
+    assert r["dataset"]["num_classes"] == 2 and len(r["thresholds"]) == 16
+    assert math.isfinite(r["loss"]) and r["skipped_steps"] == 0
 
 
 def test_flops_cli_reports_checkpoint(tmp_path, dense_synthetic, capsys):
