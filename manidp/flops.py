@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MacCount", "conv_out_size", "block_macs_from_dims", "block_macs", "stem_macs", "head_macs",
-           "dense_macs", "count_macs", "flops_reduction"]
+           "dense_macs", "count_macs", "macs_from_records", "flops_reduction"]
 
 Number = Union[int, torch.Tensor]
 
@@ -110,8 +110,13 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> MacCount:
         _, records = model(x, return_gates=True)
     finally:
         model.train(was_training)
-    n, (h, w) = x.shape[0], x.shape[-2:]
-    total, h, w = stem_macs(model, h, w)
+    return MacCount(macs_from_records(model, records, tuple(x.shape[-2:])), dense_macs(model, tuple(x.shape[-2:])))
+
+
+def macs_from_records(model: nn.Module, records, input_size: Tuple[int, int]) -> torch.Tensor:
+    """(N,) float64 MACs per instance from one forward's gate records (gates counted)."""
+    total, h, w = stem_macs(model, *input_size)
+    n = records[0].mask.shape[0]
     per = torch.full((n,), float(total + head_macs(model)), dtype=torch.float64)
     it = iter(records)
     for blk in model.blocks():
@@ -122,4 +127,4 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> MacCount:
         else:
             macs, h, w = block_macs(blk, h, w)
         per += macs
-    return MacCount(per, dense_macs(model, tuple(x.shape[-2:])))
+    return per

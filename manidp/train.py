@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from .data import DataBundle, DatasetError, DATASETS, build_dataset, eval_batches, steps_per_epoch, train_batches
-from .flops import block_macs, dense_macs, head_macs, stem_macs
+from .flops import dense_macs, macs_from_records
 from .losses import complexity_loss, complexity_weights, similarity_loss
 from .models import ARCHITECTURES, build_model, load_dense_state_dict
 
@@ -404,19 +404,7 @@ def similarity_term(recs, env: D.DistEnv) -> torch.Tensor:
 
 def instance_macs(net: nn.Module, recs, input_size) -> torch.Tensor:
     """Per-instance MACs (gates included) from one forward's gate records, as ``flops.count_macs``."""
-    total, h, w = stem_macs(net, *input_size)
-    n = recs[0].mask.shape[0]
-    per = torch.full((n,), float(total + head_macs(net)), dtype=torch.float64)
-    it = iter(recs)
-    for blk in net.blocks():
-        if getattr(blk, "gated", False):
-            a1 = (next(it).mask > 0).sum(1).double().cpu()
-            a2 = (next(it).mask > 0).sum(1).double().cpu()
-            macs, h, w = block_macs(blk, h, w, a1, a2)
-        else:
-            macs, h, w = block_macs(blk, h, w)
-        per += macs
-    return per
+    return macs_from_records(net, recs, input_size)
 
 
 @torch.no_grad()

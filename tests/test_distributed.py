@@ -11,7 +11,6 @@ quantities (the initial L_prev pass, the evaluation sums) can be compared.
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import manidp.distributed as D
 import manidp.train as T
 from manidp.train import load_checkpoint, train
 
-from conftest import ROOT, cli_flags, run_module
+from conftest import cli_flags, run_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

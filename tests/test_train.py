@@ -1,6 +1,5 @@
 """The trainer: schedules, smoke runs, resume, fault recovery, non-finite handling, CLI."""
 
-import argparse
 import glob
 import json
 import math
@@ -9,17 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 import torch
 
 import manidp.train as T
 from manidp.models import build_model
-from manidp.train import (TrainingDiverged, UsageError, calibrate_thresholds, compute_loss, cosine_lr,
+from manidp.train import (TrainingDiverged, calibrate_thresholds, compute_loss, cosine_lr,
                           evaluate, load_checkpoint, main, make_args, make_optimizer, remain_rate, train)
 
-from conftest import ROOT, SYNTH, cli_flags, gated_args, run_module, state_dicts_equal, subprocess_env
+from conftest import ROOT, SYNTH, cli_flags, gated_args, state_dicts_equal, subprocess_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
