@@ -326,6 +326,9 @@ class DynamicResNet(nn.Module):
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
