@@ -129,11 +129,14 @@ TileMap tile_map(const GConvArgs& a, int64_t q0) {
   TileMap t;
   const int64_t qend = g.ho * g.wq;
   t.nv = static_cast<int>(std::min<int64_t>(kNV, (qend - q0 + 15) / 16));
+  int64_t oy = q0 / g.wq, ox = q0 % g.wq;  // walked lane by lane (no division per lane)
   for (int v = 0; v < t.nv; ++v) {
-    const int64_t qv = q0 + 16 * v;
     int64_t cur_row = -1;
-    for (int l = 0; l < 16; ++l) {
-      const int64_t q = qv + l, oy = q / g.wq, ox = q % g.wq;
+    for (int l = 0; l < 16; ++l, ++ox) {
+      if (ox == g.wq) {
+        ox = 0;
+        ++oy;
+      }
       if (oy >= g.ho || ox >= g.wo) continue;
       if (oy != cur_row) {
         TORCH_CHECK(t.nseg[v] < kMaxSeg, "manidp: gconv output rows too narrow");
@@ -205,7 +208,7 @@ MANIDP_AVX512 void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileM
           res = _mm512_mask_loadu_ps(res, tm.seg[v][s].mask, a.residual + chan + tm.seg[v][s].off);
         y = _mm512_add_ps(y, res);
       }
-      y = _mm512_max_ps(y, zero);
+      y = _mm512_max_ps(zero, y);  // operand order: a NaN y passes through, as torch.relu
       for (int s = 0; s < tm.nseg[v]; ++s) _mm512_mask_storeu_ps(a.out + chan + tm.seg[v][s].off, tm.seg[v][s].mask, y);
       if (a.pooled) psum = _mm512_add_ps(psum, _mm512_maskz_mov_ps(tm.valid[v], y));
     }

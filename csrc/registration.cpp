@@ -36,8 +36,9 @@ TORCH_LIBRARY_FRAGMENT(manidp, m) {
   // One gated basic block (DESIGN 3.2) on x (N, Cin, H, W) with BN-folded weights
   // w1 (C, Cin, 3, 3), w2 (C, C, 3, 3), optional 1x1 shortcut ws (C, Cin, 1, 1).
   // Returns out (N, C, H', W'), idx1/idx2 (N, C) int32 and cnt1/cnt2 (N,) int32 as gate_compact.
-  // mode: 0 picks the strategy per call, 1 forces one compact conv per instance, 2 forces
-  // batched convs over the union of the batch's active sets.
+  // mode: 0 picks the strategy, 1 one compact conv per instance (gconv where the CPU has
+  // AVX-512), 2 batched library convs over the union of the batch's active channels, 3 one
+  // compact library conv per instance on gathered weights.
   m.def("gated_block(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? ws, Tensor? bs, "
         "Tensor g1_fc1, Tensor g1_fc2, Tensor g1_bias, Tensor g1_threshold, "
         "Tensor g2_fc1, Tensor g2_fc2, Tensor g2_bias, Tensor g2_threshold, "

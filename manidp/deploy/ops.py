@@ -15,9 +15,10 @@ Ops (see the schemas in ``csrc/registration.cpp``):
 ``gated_block(x, w1, b1, w2, b2, ws, bs, g1_fc1, g1_fc2, g1_bias, g1_threshold, g2_fc1, g2_fc2,
 g2_bias, g2_threshold, clamp_max, stride, mode=0) -> (out, idx1, cnt1, idx2, cnt2)``
     One gated basic block (DESIGN 3.2) with BN-folded fp32 weights; outputs follow the
-    :class:`~manidp.deploy.backends.BlockResult` contract.  ``mode`` 0 lets the kernel choose its
-    strategy, 1 forces one compact conv per instance, 2 one batched conv over the union of the
-    batch's active channels.
+    :class:`~manidp.deploy.backends.BlockResult` contract.  ``mode`` (see :data:`MODES`): 0 lets the
+    kernel choose, 1 one compact conv per instance (the AVX-512 gathered conv where available),
+    2 one batched library conv over the union of the batch's active channels, 3 one compact
+    library conv per instance on gathered weights.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 __all__ = ["HAVE_CPU_OPS", "IMPORT_ERROR", "gate_compact", "gated_block", "MODES"]
 
-MODES = {"auto": 0, "instance": 1, "union": 2}
+MODES = {"auto": 0, "instance": 1, "union": 2, "library": 3}
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers the ops)

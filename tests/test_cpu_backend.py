@@ -1,0 +1,203 @@
+"""The ``cpu`` backend (C++ gated blocks) against the gated model and the reference backend.
+
+Random-weight models of every architecture with realistic BN statistics and thresholds
+keeping 30-70% of the channels (:mod:`manidp.calibrate`); ImageNet models at small and odd
+input sizes to keep the suite fast.  Every strategy of the op is checked (``instance``:
+AVX-512 gathered conv where the CPU has it, ``library``: gathered weights + oneDNN,
+``union``: batched convs over the union of active channels).
+"""
+
+import pytest
+import torch
+
+from manidp.calibrate import calibrate_bn, calibrate_keep_ratio
+from manidp.deploy import compile, ops
+from manidp.models import build_model
+
+pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not built ({ops.IMPORT_ERROR!r})")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads make 2-thread
+    runs many times slower (this file: ~8 s with one thread).  test_two_threads covers the
+    parallel paths."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+ARCHS = [("dyresnet20", (32, 32), 0.3), ("dyresnet32", (32, 32), 0.7), ("dyresnet56", (32, 32), 0.5),
+         ("dyresnet110", (32, 32), 0.35), ("dyresnet18", (67, 53), 0.6), ("dyresnet34", (48, 48), 0.5)]
+MODES = ["instance", "library", "union"]
+
+
+def calibrated(arch, size, keep, n=3, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes=10)
+    x = torch.randn(max(n, 2), 3, *size)
+    calibrate_bn(model, x)
+    calibrate_keep_ratio(model, x, keep)
+    return model.eval(), x[:n]
+
+
+class _Modes:
+    """One compiled cpu engine, handed out once per strategy (the mode is a backend attribute)."""
+
+    def __init__(self, engine, modes):
+        self.engine, self.modes = engine, modes
+
+    def values(self):
+        for mode in self.modes:
+            self.engine.backend.mode = mode
+            yield self.engine
+
+    def items(self):
+        for mode in self.modes:
+            self.engine.backend.mode = mode
+            yield mode, self.engine
+
+    def __getitem__(self, mode):
+        self.engine.backend.mode = mode
+        return self.engine
+
+
+def engines(model, modes=MODES):
+    """The reference engine and the cpu engine in each of ``modes``."""
+    return compile(model, backend="reference"), _Modes(compile(model, backend="cpu"), modes)
+
+
+def expected(model, ref, x):
+    """What every backend must produce on ``x``: the gated model's logits, the reference's stats."""
+    with torch.no_grad():
+        return model(x), ref(x, return_stats=True)[1]
+
+
+def check(engine, x, want):
+    """Logits within 1e-4 (relative) of the gated model; active counts and MACs equal to the reference's."""
+    logits, ref_stats = want
+    with torch.no_grad():
+        got, stats = engine(x, return_stats=True)
+    rel = float((got - logits).abs().max() / logits.abs().max().clamp_min(1e-12))
+    assert rel < 1e-4, f"relative error {rel:.3g}"
+    assert torch.equal(stats["active"], ref_stats["active"])
+    assert torch.equal(stats["macs"], ref_stats["macs"])
+    return stats
+
+
+def check_active_sets(ref, engine, x):
+    """The idx lists themselves (first cnt entries) agree with the reference, block by block."""
+    with torch.no_grad():
+        h = ref.backend.prepare_input(ref._stem(ref.backend.prepare_stem_input(x)))
+        for blk_ref, blk in zip(ref.blocks, engine.blocks):
+            want = ref.backend.block(blk_ref, h)
+            got = engine.backend.block(blk, h)
+            for i, c in ((1, 2), (3, 4)):
+                assert torch.equal(got[c], want[c])
+                for n, k in enumerate(want[c].tolist()):
+                    assert torch.equal(got[i][n, :k], want[i][n, :k])
+            torch.testing.assert_close(got.out, want.out, rtol=1e-4, atol=1e-4)
+            h = want.out
+
+
+@pytest.mark.parametrize("arch,size,keep", ARCHS)
+def test_matches_gated_model_and_reference(arch, size, keep):
+    model, x = calibrated(arch, size, keep)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    for mode, engine in engs.items():
+        stats = check(engine, x, want)
+        frac = stats["active"].float().mean() / torch.tensor([g.out_channels for g in model.gates()]).float().mean()
+        assert 0.1 < frac < 0.95
+    check_active_sets(ref, engs["instance"], x)
+
+
+def test_closed_and_open_gates():
+    """|A1| = 0 (conv2 is its bias alone), |A2| = 0 (out = relu(shortcut)), every channel active."""
+    model, x = calibrated("dyresnet18", (40, 40), 0.5)
+    blocks = list(model.blocks())
+    blocks[0].gate1.threshold.fill_(float("inf"))
+    blocks[1].gate2.threshold.fill_(float("inf"))
+    blocks[2].gate1.threshold.fill_(float("inf"))   # stride-2 block with shortcut conv
+    blocks[2].gate2.threshold.fill_(float("inf"))
+    for gate in (blocks[3].gate1, blocks[3].gate2, blocks[5].gate1):
+        gate.fc2.weight.data.zero_()                # g = bias > 0 everywhere: every channel active
+        gate.fc2.bias.data.fill_(1.0)
+        gate.threshold.fill_(float("-inf"))
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    for engine in engs.values():
+        active = check(engine, x, want)["active"]
+        assert (active[:, [0, 3, 4, 5]] == 0).all()
+        assert (active[:, 6] == 128).all() and (active[:, 7] == 128).all() and (active[:, 10] == 256).all()
+
+
+def test_batch_with_a_different_count_per_instance():
+    model, x = calibrated("dyresnet20", (32, 32), 0.5, n=8)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    for engine in engs.values():
+        stats = check(engine, x, want)
+        assert len(set(stats["macs"].tolist())) == 8
+
+
+@pytest.mark.parametrize("size", [(29, 35), (7, 5), (33, 31)])
+def test_batch_one_and_odd_sizes_imagenet(size):
+    model, x = calibrated("dyresnet18", size, 0.5, n=2)
+    ref, engs = engines(model, ["instance", "library"])
+    want1 = expected(model, ref, x[:1])
+    for engine in engs.values():
+        check(engine, x[:1], want1)
+
+
+def test_cifar_tiny_maps():
+    """3x3 and 1x1 feature maps in the last stage (narrow rows in the gathered conv)."""
+    model, x = calibrated("dyresnet20", (9, 5), 0.5, n=3)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    for engine in engs.values():
+        check(engine, x, want)
+
+
+def test_input_layouts():
+    model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
+    ref, engs = engines(model, ["instance"])
+    engine = engs["instance"]
+    want = expected(model, ref, x)
+    check(engine, x.contiguous(memory_format=torch.channels_last), want)
+    check(engine, x.transpose(2, 3).contiguous().transpose(2, 3), want)  # non-contiguous
+    big = torch.zeros(2, 3, 80, 72)
+    big[:, :, ::2, ::2] = x
+    check(engine, big[:, :, ::2, ::2], want)                             # strided view
+
+
+def test_auto_backend_prefers_cpu_and_save_load(tmp_path):
+    model, x = calibrated("dyresnet20", (32, 32), 0.5)
+    engine = compile(model)  # backend="auto"
+    assert engine.backend.name == "cpu"
+    path = tmp_path / "engine.pt"
+    engine.save(str(path))
+    from manidp.deploy import DynamicResNet
+    loaded = DynamicResNet.load(str(path), backend="cpu")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), engine(x))
+
+
+def test_bad_mode_rejected():
+    from manidp.deploy.cpu_backend import CpuBackend
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CpuBackend(mode="fast")
+
+
+def test_two_threads():
+    """Parallel paths: rows split across threads inside a conv (batch 1), instances across threads."""
+    model, x = calibrated("dyresnet18", (40, 36), 0.5, n=3)
+    ref, engs = engines(model, ["instance", "library"])
+    want1, want = expected(model, ref, x[:1]), expected(model, ref, x)
+    torch.set_num_threads(2)
+    try:
+        for engine in engs.values():
+            check(engine, x[:1], want1)
+            check(engine, x, want)
+    finally:
+        torch.set_num_threads(1)
