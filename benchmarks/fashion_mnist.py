@@ -10,6 +10,9 @@ stopped.  ManiDP models are compiled into engines, evaluated on the test split
 with the deployed engine, and timed with ``manidp-bench`` against the dense
 network on this machine.
 
+``python benchmarks/fashion_mnist.py summarize OUT.md RESULT.json...`` merges
+result files into one Markdown table.
+
 Example (the schedule of the committed CPU results)::
 
     python benchmarks/fashion_mnist.py --arch resnet20 --seeds 1 --train-subset 10000 \\
@@ -167,7 +170,35 @@ def extract_speedups(report: dict) -> dict:
     return {str(row["batch_size"]): {k: row.get(k) for k in keys} for row in report.get("summary", [])}
 
 
+def summarize(json_files: List[str], out_md: str) -> None:
+    """Merge result files of several invocations into one Markdown table."""
+    rows, env = [], None
+    for path in json_files:
+        with open(path) as f:
+            doc = json.load(f)
+        env = env or doc["environment"]
+        for r in doc["rows"]:
+            key = (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"))
+            if key not in {(x["arch"], x["method"], x["seed"], x.get("target_remain_rate"),
+                            x.get("matched_to_target")) for x in rows}:
+                rows.append(r)
+    lines = ["| arch | method | target remain rate | seed | epochs | test top-1 % | FLOPs reduction % |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], -r["flops_reduction"] if r["method"] != "dense" else 1)):
+        t = r.get("target_remain_rate", r.get("matched_to_target"))
+        target = "-" if t is None else (f"{t}" if "target_remain_rate" in r else f"FLOPs of ManiDP {t}")
+        lines.append(f"| {r['arch']} | {r['method']} | {target} | {r['seed']} | {r['epochs']} | "
+                     f"{r['top1']:.2f} | {100 * r['flops_reduction']:.1f} |")
+    with open(out_md, "w") as f:
+        f.write("# Fashion-MNIST comparison\n\n" + "\n".join(lines) + "\n\n"
+                f"Environment: {json.dumps(env)}\n\nSources: {', '.join(json_files)}\n")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "summarize":  # summarize OUT.md RESULT.json...
+        summarize(argv[2:], argv[1])
+        return 0
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     targets = [float(t) for t in args.targets.split(",")]
