@@ -171,7 +171,7 @@ void run_instance_gconv(const Block& B, State& S, int64_t n) {
     c.in = xbuf.data(); c.geom = g1; c.nch = B.cin;
     c.weight = B.w1.data_ptr<float>(); c.ldw = B.cin * kTaps; c.rows = a1; c.m = k1;
     c.bias = bias.data(); c.scale = s1.data();
-    c.out = abuf.data(); c.out_chan_stride = g2.cstride; c.out_row_stride = g2.wq; c.out_offset = g2.wq + 1;
+    c.out = abuf.data(); c.out_chan_stride = g2.cstride; c.out_offset = g2.toff[4];  // tap (1, 1) = the pixel itself
     c.pooled = pooled.data();
     detail::gconv(c);
     for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
@@ -194,7 +194,7 @@ void run_instance_gconv(const Block& B, State& S, int64_t n) {
   c.weight = B.w2.data_ptr<float>(); c.ldw = B.c * kTaps; c.rows = a2; c.cols = a1; c.m = k2;
   c.bias = bias2.data(); c.scale = s2.data();
   c.out = out_n; c.residual = res_n; c.out_chans = a2;
-  c.out_chan_stride = B.hw(); c.out_row_stride = B.wo; c.out_offset = 0;
+  c.out_chan_stride = B.hw(); c.out_offset = 0;
   detail::gconv(c);
   residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, nullptr, /*inactive_only=*/true);
 }

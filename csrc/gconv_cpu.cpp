@@ -7,12 +7,13 @@
 // the output-row gather of conv1 nor the row-and-column gather of conv2 is materialised;
 // at batch 1 the late layers read each weight once, so this is what makes them fast.
 //
-// Implicit GEMM without im2col: the input is stored as zero-padded planes (see Planes) in
+// Implicit GEMM without im2col: the input is stored as row-padded planes (see below) in
 // which every tap of a run of output pixels is a contiguous run of floats, so the B operand
-// is read straight from the planes.  A 6 x 64 AVX-512 register block accumulates 6 output
-// rows x 64 pixels, broadcasting one weight per row and tap.  The epilogue is fused: bias,
-// gate scale, ReLU, then either the pooled mean (conv1, for gate 2) or the residual add,
-// storing through an OutMap (conv1 writes conv2's padded input planes directly).
+// is read straight from the planes (masked loads supply the left/right zero padding).  A
+// 6 x 64 AVX-512 register block accumulates 6 output rows x 64 pixels, broadcasting one
+// weight per row and tap.  The epilogue is fused: bias, gate scale, ReLU, then either the
+// pooled mean (conv1, for gate 2) or the residual add; conv1 writes conv2's input planes
+// directly.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -43,14 +44,17 @@ bool gconv_available() {
 
 // ------------------------------------------------------------------ planes
 //
-// Stride 1: one zero-padded (h + 2) x (w + 2) plane per channel.  Output pixel (oy, ox) has
-// q = oy * wq + ox with wq = w + 2 (columns ox >= wo are junk lanes, never stored) and tap
-// (ky, kx) reads plane[q + ky * wq + kx].
-// Stride 2: the padded image split into 4 phase planes (even/odd rows x even/odd columns) of
-// (ho + 1) x (wo + 1); q = oy * wq + ox with wq = wo + 1, and tap (ky, kx) reads phase
-// (ky & 1, kx & 1) at q + (ky >> 1) * wq + (kx >> 1).  Either way a run of consecutive q is a
-// run of consecutive floats for every tap.  Each channel has slack past its last plane so
-// that whole vectors of the last tile stay in bounds.
+// Output pixels are numbered q = oy * wo + ox (no junk lanes), and tap t = (ky, kx) of pixel
+// q reads buf[j * cstride + toff[t] + q]; taps that would read the column left of the image
+// (kx = 0 at ox = 0) or right of it (kx = 2 at ox = wo - 1, stride 1) are masked to zero.
+// Stride 1: per channel a zero row, the h rows, a zero row (rows of w floats), starting at
+// offset 1, so toff = ky * w + kx.
+// Stride 2: the padded image split into 4 phase planes, rows {even padded rows (the first is
+// the top padding), odd padded rows} x columns {odd input columns 1, 3, .. ("B0"), even input columns
+// 0, 2, .. ("B1")}, each of rows of wo floats starting at offset 1.  kx = 1 reads B1 at ox,
+// kx = 2 reads B0 at ox, kx = 0 reads B0 at ox - 1 (masked at ox = 0).  An odd width leaves
+// B0's last column zero: it is the right padding.
+// Each channel has slack past its data so that whole vectors of the last tile stay in bounds.
 
 static int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
 
@@ -61,19 +65,16 @@ PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride) {
   g.ho = (h - 1) / stride + 1;
   g.wo = (w - 1) / stride + 1;
   if (stride == 1) {
-    g.wq = w + 2;
-    g.hq = h + 2;
-    g.psize = g.hq * g.wq;
-    g.cstride = round16(g.psize + 18);  // last vector: q <= ho * wq + 15, tap offset <= 2 * wq + 2
-    for (int t = 0; t < 9; ++t) g.toff[t] = (t / 3) * g.wq + t % 3;
+    g.psize = (h + 2) * w + 2;
+    g.cstride = round16(g.psize + 16);  // last vector: q <= ho * w + 15, tap offset <= 2 * w + 2
+    for (int t = 0; t < 9; ++t) g.toff[t] = (t / 3) * w + t % 3;
   } else {
-    g.wq = g.wo + 1;
-    g.hq = g.ho + 1;
-    g.psize = g.hq * g.wq;
-    g.cstride = round16(4 * g.psize + 17);
+    g.psize = (g.ho + 1) * g.wo + 2;
+    g.cstride = round16(4 * g.psize + 16);
     for (int t = 0; t < 9; ++t) {
       const int ky = t / 3, kx = t % 3;
-      g.toff[t] = ((ky & 1) * 2 + (kx & 1)) * g.psize + (ky >> 1) * g.wq + (kx >> 1);
+      const int64_t plane = (ky & 1) * 2 + (kx == 1 ? 1 : 0);
+      g.toff[t] = plane * g.psize + 1 + (ky >> 1) * g.wo + (kx == 0 ? -1 : 0);
     }
   }
   return g;
@@ -86,18 +87,17 @@ void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf
       const float* src = x + j * g.h * g.w;
       std::memset(dst, 0, g.cstride * sizeof(float));
       if (g.stride == 1) {
-        for (int64_t iy = 0; iy < g.h; ++iy) std::memcpy(dst + (iy + 1) * g.wq + 1, src + iy * g.w, g.w * sizeof(float));
-      } else {
-        for (int64_t iy = 0; iy < g.h; ++iy) {
-          const int64_t py = iy + 1;
-          float* row_even = dst + ((py & 1) * 2) * g.psize + (py >> 1) * g.wq;  // phase (py & 1, px even)
-          float* row_odd = row_even + g.psize;                                  // phase (py & 1, px odd)
-          const float* s = src + iy * g.w;
-          for (int64_t ix = 0; ix < g.w; ++ix) {
-            const int64_t px = ix + 1;
-            ((px & 1) ? row_odd : row_even)[px >> 1] = s[ix];
-          }
-        }
+        std::memcpy(dst + 1 + g.w, src, g.h * g.w * sizeof(float));  // rows are contiguous
+        continue;
+      }
+      for (int64_t iy = 0; iy < g.h; ++iy) {
+        // padded row py = iy + 1: even rows go to row plane 0 (whose row 0 is the top padding),
+        // odd rows to row plane 1, at row py / 2
+        const int64_t py = iy + 1, rp = py & 1, i = py >> 1;
+        float* b0 = dst + (rp * 2) * g.psize + 1 + i * g.wo;  // odd input columns
+        float* b1 = b0 + g.psize;                             // even input columns
+        const float* s = src + iy * g.w;
+        for (int64_t ix = 0; ix < g.w; ++ix) ((ix & 1) ? b0 : b1)[ix >> 1] = s[ix];
       }
     }
   });
@@ -109,43 +109,28 @@ namespace {
 constexpr int kMR = 6;  // output rows per register block
 constexpr int kNV = 4;  // 16-float vectors per pixel tile
 constexpr int64_t kTile = 16 * kNV;
-constexpr int kMaxSeg = 4;  // output rows one vector can touch (wq >= 6)
 
-// Output runs of one 16-lane vector: lanes in `mask` go to out + off + lane.
-struct Seg {
-  __mmask16 mask;
-  int64_t off;
-};
+// Lane masks of the vectors of one tile [q0, q0 + 64): real pixels, and the lanes where the
+// kx = 0 / kx = 2 taps read inside the image.
 struct TileMap {
   int nv = 0;
-  int nseg[kNV] = {};
-  Seg seg[kNV][kMaxSeg];
   __mmask16 valid[kNV] = {};
+  __mmask16 left[kNV] = {};
+  __mmask16 right[kNV] = {};
 };
 
-// Which lanes of tile [q0, q0 + 64) are real output pixels, and where they go.
 TileMap tile_map(const GConvArgs& a, int64_t q0) {
   const PlaneGeometry& g = a.geom;
   TileMap t;
-  const int64_t qend = g.ho * g.wq;
+  const int64_t qend = g.ho * g.wo;
   t.nv = static_cast<int>(std::min<int64_t>(kNV, (qend - q0 + 15) / 16));
-  int64_t oy = q0 / g.wq, ox = q0 % g.wq;  // walked lane by lane (no division per lane)
+  int64_t ox = q0 % g.wo;
   for (int v = 0; v < t.nv; ++v) {
-    int64_t cur_row = -1;
-    for (int l = 0; l < 16; ++l, ++ox) {
-      if (ox == g.wq) {
-        ox = 0;
-        ++oy;
-      }
-      if (oy >= g.ho || ox >= g.wo) continue;
-      if (oy != cur_row) {
-        TORCH_CHECK(t.nseg[v] < kMaxSeg, "manidp: gconv output rows too narrow");
-        // lane l of this row maps to oy * row_stride + ox = off + l
-        t.seg[v][t.nseg[v]++] = Seg{0, a.out_offset + oy * a.out_row_stride + ox - l};
-        cur_row = oy;
-      }
-      t.seg[v][t.nseg[v] - 1].mask |= static_cast<__mmask16>(1u << l);
-      t.valid[v] |= static_cast<__mmask16>(1u << l);
+    for (int l = 0; l < 16; ++l, ox = (ox + 1 == g.wo) ? 0 : ox + 1) {
+      const __mmask16 bit = static_cast<__mmask16>(1u << l);
+      if (q0 + 16 * v + l < qend) t.valid[v] |= bit;
+      if (ox != 0) t.left[v] |= bit;
+      if (g.stride != 1 || ox != g.wo - 1) t.right[v] |= bit;
     }
   }
   return t;
@@ -154,25 +139,36 @@ TileMap tile_map(const GConvArgs& a, int64_t q0) {
 // acc[r][v] += sum over channels [j0, j1) and taps of w[r][col(j) * 9 + t] * B(j, t, q0 + 16 v).
 template <int MR, int NV>
 MANIDP_AVX512 inline void micro(const GConvArgs& a, const float* const* wrow, int64_t j0, int64_t j1, int64_t q0,
-                                __m512 (&acc)[kMR][kNV]) {
+                                const TileMap& tm, __m512 (&acc)[kMR][kNV]) {
   const int64_t* toff = a.geom.toff;
   const float* bj = a.in + j0 * a.geom.cstride + q0;
+  __mmask16 ml[NV], mr[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    ml[v] = tm.left[v];
+    mr[v] = tm.right[v];
+  }
   for (int64_t j = j0; j < j1; ++j, bj += a.geom.cstride) {
     const int64_t off = (a.cols ? static_cast<int64_t>(a.cols[j]) : j) * 9;
     const float* wp[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) wp[r] = wrow[r] + off;
 #pragma GCC unroll 1
-    for (int t = 0; t < 9; ++t) {
-      const float* b = bj + toff[t];
-      __m512 bv[NV];
+    for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        const int t = ky * 3 + kx;
+        const float* b = bj + toff[t];
+        __m512 bv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+        for (int v = 0; v < NV; ++v)
+          bv[v] = kx == 1 ? _mm512_loadu_ps(b + 16 * v) : _mm512_maskz_loadu_ps(kx == 0 ? ml[v] : mr[v], b + 16 * v);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m512 wv = _mm512_set1_ps(wp[r][t]);
+        for (int r = 0; r < MR; ++r) {
+          const __m512 wv = _mm512_set1_ps(wp[r][t]);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, bv[v], acc[r][v]);
+          for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(wv, bv[v], acc[r][v]);
+        }
       }
     }
   }
@@ -180,7 +176,7 @@ MANIDP_AVX512 inline void micro(const GConvArgs& a, const float* const* wrow, in
 
 // One register block: rows [m0, m0 + MR) x tile q0, all input channels, fused epilogue.
 template <int MR, int NV>
-MANIDP_AVX512 void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm) {
+MANIDP_AVX512 void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
   __m512 acc[kMR][kNV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -189,7 +185,7 @@ MANIDP_AVX512 void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileM
   const float* wrow[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) wrow[r] = a.weight + static_cast<int64_t>(a.rows[m0 + r]) * a.ldw;
-  micro<MR, NV>(a, wrow, 0, a.nch, q0, acc);
+  micro<MR, NV>(a, wrow, 0, a.nch, q0, tm, acc);
 
   const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -202,38 +198,47 @@ MANIDP_AVX512 void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileM
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       __m512 y = _mm512_mul_ps(scale, _mm512_add_ps(acc[r][v], bias));
-      if (a.residual) {
-        __m512 res = zero;
-        for (int s = 0; s < tm.nseg[v]; ++s)
-          res = _mm512_mask_loadu_ps(res, tm.seg[v][s].mask, a.residual + chan + tm.seg[v][s].off);
-        y = _mm512_add_ps(y, res);
-      }
+      float* dst = a.out + chan + a.out_offset + q0 + 16 * v;
+      if (a.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(tm.valid[v], a.residual + (dst - a.out)));
       y = _mm512_max_ps(zero, y);  // operand order: a NaN y passes through, as torch.relu
-      for (int s = 0; s < tm.nseg[v]; ++s) _mm512_mask_storeu_ps(a.out + chan + tm.seg[v][s].off, tm.seg[v][s].mask, y);
-      if (a.pooled) psum = _mm512_add_ps(psum, _mm512_maskz_mov_ps(tm.valid[v], y));
+      _mm512_mask_storeu_ps(dst, tm.valid[v], y);
+      if (pooled) psum = _mm512_add_ps(psum, _mm512_maskz_mov_ps(tm.valid[v], y));
     }
-    if (a.pooled) a.pooled[m] += _mm512_reduce_add_ps(psum);
+    if (pooled) pooled[m] += _mm512_reduce_add_ps(psum);
   }
 }
 
 template <int MR>
-void block_nv(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm) {
+void block_nv(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
   switch (tm.nv) {
-    case 1: block<MR, 1>(a, m0, q0, tm); break;
-    case 2: block<MR, 2>(a, m0, q0, tm); break;
-    case 3: block<MR, 3>(a, m0, q0, tm); break;
-    default: block<MR, 4>(a, m0, q0, tm); break;
+    case 1: block<MR, 1>(a, m0, q0, tm, pooled); break;
+    case 2: block<MR, 2>(a, m0, q0, tm, pooled); break;
+    case 3: block<MR, 3>(a, m0, q0, tm, pooled); break;
+    default: block<MR, 4>(a, m0, q0, tm, pooled); break;
   }
 }
 
-void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap& tm) {
+void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap& tm, float* pooled) {
   switch (mr) {
-    case 1: block_nv<1>(a, m0, q0, tm); break;
-    case 2: block_nv<2>(a, m0, q0, tm); break;
-    case 3: block_nv<3>(a, m0, q0, tm); break;
-    case 4: block_nv<4>(a, m0, q0, tm); break;
-    case 5: block_nv<5>(a, m0, q0, tm); break;
-    default: block_nv<6>(a, m0, q0, tm); break;
+    case 1: block_nv<1>(a, m0, q0, tm, pooled); break;
+    case 2: block_nv<2>(a, m0, q0, tm, pooled); break;
+    case 3: block_nv<3>(a, m0, q0, tm, pooled); break;
+    case 4: block_nv<4>(a, m0, q0, tm, pooled); break;
+    case 5: block_nv<5>(a, m0, q0, tm, pooled); break;
+    default: block_nv<6>(a, m0, q0, tm, pooled); break;
+  }
+}
+
+// Row blocks [b0, b1) x tiles [t0, t1), walking each tile's rows while its input is in cache;
+// pooled sums (if any) are added to `pooled`.
+void run_range(const GConvArgs& a, int64_t b0, int64_t b1, int64_t t0, int64_t t1, float* pooled) {
+  for (int64_t tile = t0; tile < t1; ++tile) {
+    const int64_t q0 = tile * kTile;
+    const TileMap tm = tile_map(a, q0);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * kMR;
+      block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), q0, tm, pooled);
+    }
   }
 }
 
@@ -245,21 +250,26 @@ void gconv(const GConvArgs& a) {
   TORCH_CHECK(gconv_available(), "manidp: gconv needs a CPU with AVX-512F");
   if (a.m <= 0) return;
   if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
-  const int64_t qend = a.geom.ho * a.geom.wq;
+  const int64_t qend = a.geom.ho * a.geom.wo;
   const int64_t ntiles = (qend + kTile - 1) / kTile;
   const int64_t nblocks = (a.m + kMR - 1) / kMR;
-  // Threads split the row blocks (each thread then streams only its own weight rows); a
-  // thread walks its rows tile by tile so the tile's input stays in L1/L2.
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-      const int64_t q0 = tile * kTile;
-      const TileMap tm = tile_map(a, q0);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t m0 = b * kMR;
-        block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), q0, tm);
-      }
-    }
-  });
+  const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (nthreads == 1) {
+    run_range(a, 0, nblocks, 0, ntiles, a.pooled);
+  } else if (nblocks >= 4 * nthreads || ntiles < 2 * nthreads) {
+    // Threads split the row blocks: each streams only its own weight rows (the late layers,
+    // where weight traffic matters, have many rows and few tiles).
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { run_range(a, b0, b1, 0, ntiles, a.pooled); });
+  } else {
+    // Few rows (small layers): threads split the tiles; pooled sums go to per-thread slots.
+    std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      run_range(a, 0, nblocks, t0, t1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
+    });
+    if (a.pooled)
+      for (int64_t t = 0; t < nthreads; ++t)
+        for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += partial[t * a.m + m];
+  }
   if (a.pooled) {
     const float inv = 1.f / static_cast<float>(a.geom.ho * a.geom.wo);
     for (int64_t m = 0; m < a.m; ++m) a.pooled[m] *= inv;

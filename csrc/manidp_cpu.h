@@ -61,11 +61,11 @@ int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* id
 
 // ---- gconv: one instance's gathered 3x3 conv (padding 1) reading weights in place (gconv_cpu.cpp)
 
-// Layout of a conv input as zero-padded planes: channel j, tap t (= ky * 3 + kx) of the
-// output pixel with q-index q (= oy * wq + ox) is buf[j * cstride + toff[t] + q].
+// Layout of a conv input as row-padded planes (gconv_cpu.cpp): channel j, tap t (= ky * 3 + kx)
+// of output pixel q (= oy * wo + ox) is buf[j * cstride + toff[t] + q], masked at the borders.
 struct PlaneGeometry {
   int64_t h = 0, w = 0, stride = 1, ho = 0, wo = 0;
-  int64_t wq = 0, hq = 0, psize = 0, cstride = 0;
+  int64_t psize = 0, cstride = 0;
   int64_t toff[9] = {};
 };
 PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1 or 2
@@ -73,10 +73,10 @@ PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf);
 
 //   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * 9 + t] * in(j, t, p))
-// with col(j) = cols ? cols[j] : j, then out(r, oy, ox) = relu(y + residual(r, oy, ox)) (no
-// residual: relu(y)) where out(r, oy, ox) is
-//   out[chan(r) * out_chan_stride + out_offset + oy * out_row_stride + ox],  chan(r) = out_chans ? out_chans[r] : r
-// and residual is read at the same offsets.  With `pooled`, pooled[r] = mean over pixels of out.
+// with col(j) = cols ? cols[j] : j, then out(r, p) = relu(y + residual(r, p)) (no residual:
+// relu(y)) where out(r, p) is out[chan(r) * out_chan_stride + out_offset + p] for pixel
+// p = oy * wo + ox, chan(r) = out_chans ? out_chans[r] : r, and residual is read at the same
+// offsets.  With `pooled`, pooled[r] = mean over pixels of out(r, .).
 struct GConvArgs {
   const float* in = nullptr;  // planes of geom, nch channels
   PlaneGeometry geom;
@@ -91,7 +91,7 @@ struct GConvArgs {
   float* out = nullptr;
   const float* residual = nullptr;
   const int32_t* out_chans = nullptr;
-  int64_t out_chan_stride = 0, out_row_stride = 0, out_offset = 0;
+  int64_t out_chan_stride = 0, out_offset = 0;
   float* pooled = nullptr;
 };
 bool gconv_available();
