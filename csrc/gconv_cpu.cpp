@@ -119,10 +119,9 @@ struct TileMap {
   __mmask16 right[kNV] = {};
 };
 
-TileMap tile_map(const GConvArgs& a, int64_t q0) {
+TileMap tile_map(const GConvArgs& a, int64_t q0, int64_t qend) {
   const PlaneGeometry& g = a.geom;
   TileMap t;
-  const int64_t qend = g.ho * g.wo;
   t.nv = static_cast<int>(std::min<int64_t>(kNV, (qend - q0 + 15) / 16));
   int64_t ox = q0 % g.wo;
   for (int v = 0; v < t.nv; ++v) {
@@ -229,17 +228,65 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
   }
 }
 
-// Row blocks [b0, b1) x tiles [t0, t1), walking each tile's rows while its input is in cache;
-// pooled sums (if any) are added to `pooled`.
-void run_range(const GConvArgs& a, int64_t b0, int64_t b1, int64_t t0, int64_t t1, float* pooled) {
+// Row blocks [b0, b1) x tiles [t0, t1) of the pixels below qend, walking each tile's rows
+// while its input is in cache; pooled sums (if any) are added to `pooled`.
+void run_range(const GConvArgs& a, int64_t qend, int64_t b0, int64_t b1, int64_t t0, int64_t t1, float* pooled) {
   for (int64_t tile = t0; tile < t1; ++tile) {
     const int64_t q0 = tile * kTile;
-    const TileMap tm = tile_map(a, q0);
+    const TileMap tm = tile_map(a, q0, qend);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * kMR;
       block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), q0, tm, pooled);
     }
   }
+}
+
+// Pixels [q0, q0 + np) of output row m as dot products along K with their patches `col`.
+MANIDP_AVX512 void tail_row(const GConvArgs& a, int64_t m, const float* col, int64_t np, int64_t q0) {
+  const int64_t k = a.nch * 9;
+  const float* wrow = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
+  const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
+  for (int64_t p = 0; p < np; ++p) {
+    const float* c = col + p * k;
+    __m512 acc = _mm512_setzero_ps();
+    if (a.cols == nullptr) {  // conv1: the weight row is contiguous along K
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(wrow + i), _mm512_loadu_ps(c + i), acc);
+      const __mmask16 rest = static_cast<__mmask16>((1u << (k - i)) - 1u);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(rest, wrow + i), _mm512_maskz_loadu_ps(rest, c + i), acc);
+    } else {  // conv2: 9 weights per active input channel
+      const __mmask16 nine = 0x1FF;
+      for (int64_t j = 0; j < a.nch; ++j)
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(nine, wrow + static_cast<int64_t>(a.cols[j]) * 9),
+                              _mm512_maskz_loadu_ps(nine, c + j * 9), acc);
+    }
+    float y = (a.scale ? a.scale[m] : 1.f) * (_mm512_reduce_add_ps(acc) + a.bias[m]);
+    float* dst = a.out + chan + a.out_offset + q0 + p;
+    if (a.residual) y += a.residual[dst - a.out];
+    y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
+    *dst = y;
+    if (a.pooled) a.pooled[m] += y;
+  }
+}
+
+// Output pixels [q0, qend) as dot products along K, for the few pixels of a map just past a
+// multiple of 16 (7 x 7 = 3 * 16 + 1): in the register blocks they would fill a vector of
+// mostly idle lanes that costs as much as 16 pixels, here they cost 1/16 (conv1) or 1/9 (conv2).
+void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend) {
+  const PlaneGeometry& g = a.geom;
+  const int64_t np = qend - q0, k = a.nch * 9;
+  std::vector<float> col(np * k);  // the pixels' input patches, zero where the tap is padding
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t q = q0 + p, ox = q % g.wo;
+    for (int t = 0; t < 9; ++t) {
+      const int kx = t % 3;
+      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
+      for (int64_t j = 0; j < a.nch; ++j) col[p * k + j * 9 + t] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
+    }
+  }
+  at::parallel_for(0, a.m, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, q0);
+  });
 }
 
 }  // namespace
@@ -251,27 +298,31 @@ void gconv(const GConvArgs& a) {
   if (a.m <= 0) return;
   if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
   const int64_t qend = a.geom.ho * a.geom.wo;
-  const int64_t ntiles = (qend + kTile - 1) / kTile;
+  // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
+  const int64_t rest = qend % 16;
+  const int64_t qmain = (qend > 16 && rest <= 4) ? qend - rest : qend;
+  const int64_t ntiles = (qmain + kTile - 1) / kTile;
   const int64_t nblocks = (a.m + kMR - 1) / kMR;
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (nthreads == 1) {
-    run_range(a, 0, nblocks, 0, ntiles, a.pooled);
+    run_range(a, qmain, 0, nblocks, 0, ntiles, a.pooled);
   } else if (nblocks >= 4 * nthreads || ntiles < 2 * nthreads) {
     // Threads split the row blocks: each streams only its own weight rows (the late layers,
     // where weight traffic matters, have many rows and few tiles).
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { run_range(a, b0, b1, 0, ntiles, a.pooled); });
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { run_range(a, qmain, b0, b1, 0, ntiles, a.pooled); });
   } else {
     // Few rows (small layers): threads split the tiles; pooled sums go to per-thread slots.
     std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      run_range(a, 0, nblocks, t0, t1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
+      run_range(a, qmain, 0, nblocks, t0, t1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
     });
     if (a.pooled)
       for (int64_t t = 0; t < nthreads; ++t)
         for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += partial[t * a.m + m];
   }
+  if (qmain < qend) tail_pixels(a, qmain, qend);
   if (a.pooled) {
-    const float inv = 1.f / static_cast<float>(a.geom.ho * a.geom.wo);
+    const float inv = 1.f / static_cast<float>(qend);
     for (int64_t m = 0; m < a.m; ++m) a.pooled[m] *= inv;
   }
 #else

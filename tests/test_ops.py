@@ -86,8 +86,10 @@ def _block_reference(x, w1, b1, w2, b2, ws, bs, f11, f12, gb1, t1, f21, f22, gb2
 
 
 @pytest.mark.parametrize("mode", list(ops.MODES))
+# Odd sizes; 7x7 and 14x14 -> 7x7 outputs (49 = 3 * 16 + 1 pixels: the dot-product tail path).
 @pytest.mark.parametrize("shape,stride,shortcut", [((3, 8, 9, 7), 2, True), ((2, 12, 6, 5), 1, False),
-                                                   ((1, 8, 16, 16), 1, True)])
+                                                   ((1, 8, 16, 16), 1, True), ((2, 8, 14, 14), 2, True),
+                                                   ((1, 12, 7, 7), 1, False)])
 def test_gated_block_matches_masked_forward(mode, shape, stride, shortcut):
     args = _block_args(cin=shape[1], c=12, stride=stride, shortcut=shortcut)
     x = torch.randn(*shape)
