@@ -33,10 +33,11 @@ struct Block {
 
 // Per-call results shared by the phases.
 struct State {
-  at::Tensor g1, idx1, cnt1, g2, idx2, cnt2;  // (N, C) fp32 / int32, (N,) int32
-  at::Tensor pooled2;                          // (N, C) pooled conv1 output, zeros off the active set
-  at::Tensor out;                              // (N, C, Ho, Wo), holds the shortcut until the epilogue
-  at::Tensor residual;                         // what the epilogue adds b to (out itself or x)
+  at::Tensor idx1, cnt1, idx2, cnt2;  // (N, C) / (N,) int32, returned
+  std::vector<float> g1, g2;          // (N, C) gate values
+  std::vector<float> pooled2;         // (N, C) pooled conv1 output, zeros off the active set
+  at::Tensor out;                     // (N, C, Ho, Wo), holds the shortcut until the epilogue
+  at::Tensor residual;                // what the epilogue adds b to (out itself or x)
 };
 
 // ------------------------------------------------------------------ small kernels
@@ -134,7 +135,7 @@ void take(const float* src, const int32_t* idx, int32_t k, float* dst) {
 // Gate 2 of instance n from its pooled conv1 output; fills S.g2/idx2/cnt2 and returns the count.
 int32_t instance_gate2(const Block& B, State& S, int64_t n) {
   std::vector<float> hidden(B.gate2.hidden);
-  const int32_t k2 = detail::gate_one(B.gate2, S.pooled2.data_ptr<float>() + n * B.c, S.g2.data_ptr<float>() + n * B.c,
+  const int32_t k2 = detail::gate_one(B.gate2, S.pooled2.data() + n * B.c, S.g2.data() + n * B.c,
                                       S.idx2.data_ptr<int32_t>() + n * B.c, hidden.data());
   S.cnt2.data_ptr<int32_t>()[n] = k2;
   return k2;
@@ -154,7 +155,7 @@ void bias_only_conv2(const Block& B, const int32_t* a2, int32_t k2, const float*
 void run_instance_gconv(const Block& B, State& S, int64_t n) {
   const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
   const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
-  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
+  float* pooled2 = S.pooled2.data() + n * B.c;
   const detail::PlaneGeometry g1 = detail::plane_geometry(B.h, B.w, B.stride);
   const detail::PlaneGeometry g2 = detail::plane_geometry(B.ho, B.wo, 1);
   // Plane buffers are reused across calls: fresh multi-MB allocations would cost page faults.
@@ -163,7 +164,7 @@ void run_instance_gconv(const Block& B, State& S, int64_t n) {
     std::vector<float> s1(k1), bias(k1), pooled(k1);
     if (xbuf.size() < static_cast<size_t>(B.cin * g1.cstride)) xbuf.resize(B.cin * g1.cstride);
     detail::pack_planes(g1, B.x.data_ptr<float>() + n * B.cin * B.hw_in(), B.cin, xbuf.data());
-    take(S.g1.data_ptr<float>() + n * B.c, a1, k1, s1.data());
+    take(S.g1.data() + n * B.c, a1, k1, s1.data());
     take(B.b1.data_ptr<float>(), a1, k1, bias.data());
     if (abuf.size() < static_cast<size_t>(k1 * g2.cstride)) abuf.resize(k1 * g2.cstride);
     std::fill(abuf.begin(), abuf.begin() + k1 * g2.cstride, 0.f);  // zero borders are conv2's padding
@@ -181,7 +182,7 @@ void run_instance_gconv(const Block& B, State& S, int64_t n) {
   std::vector<int32_t> pos(B.c, -1);
   for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
   std::vector<float> s2(k2), bias2(k2);
-  take(S.g2.data_ptr<float>() + n * B.c, a2, k2, s2.data());
+  take(S.g2.data() + n * B.c, a2, k2, s2.data());
   float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
   const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
   if (k1 == 0 || k2 == 0) {
@@ -206,9 +207,9 @@ void run_instance_library(const Block& B, State& S, int64_t n) {
   const auto fopt = B.x.options();
   const int32_t k1 = S.cnt1.data_ptr<int32_t>()[n];
   const int32_t* a1 = S.idx1.data_ptr<int32_t>() + n * B.c;
-  float* pooled2 = S.pooled2.data_ptr<float>() + n * B.c;
+  float* pooled2 = S.pooled2.data() + n * B.c;
   std::vector<float> s1(k1);
-  take(S.g1.data_ptr<float>() + n * B.c, a1, k1, s1.data());
+  take(S.g1.data() + n * B.c, a1, k1, s1.data());
   at::Tensor a;
   if (k1 > 0) {
     at::Tensor wc = at::empty({k1, B.cin, 3, 3}, fopt), bc = at::empty({k1}, fopt);
@@ -224,7 +225,7 @@ void run_instance_library(const Block& B, State& S, int64_t n) {
   std::vector<int32_t> pos(B.c, -1);
   for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
   std::vector<float> s2(k2);
-  take(S.g2.data_ptr<float>() + n * B.c, a2, k2, s2.data());
+  take(S.g2.data() + n * B.c, a2, k2, s2.data());
   float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
   const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
   if (k1 == 0 || k2 == 0) {
@@ -272,13 +273,13 @@ std::vector<int32_t> active_union(const at::Tensor& idx, const at::Tensor& cnt, 
 }
 
 // Per-instance mask scale of the union channels: g where active, 0 elsewhere.  (N, |u|)
-std::vector<float> union_scales(const at::Tensor& g, const at::Tensor& idx, const at::Tensor& cnt,
+std::vector<float> union_scales(const std::vector<float>& g, const at::Tensor& idx, const at::Tensor& cnt,
                                 const std::vector<int32_t>& u, int64_t c) {
-  const int64_t n = g.size(0), k = static_cast<int64_t>(u.size());
+  const int64_t n = idx.size(0), k = static_cast<int64_t>(u.size());
   std::vector<int32_t> pos(c, -1);
   for (int64_t j = 0; j < k; ++j) pos[u[j]] = static_cast<int32_t>(j);
   std::vector<float> s(n * k, 0.f);
-  const float* gp = g.data_ptr<float>();
+  const float* gp = g.data();
   const int32_t* ip = idx.data_ptr<int32_t>();
   const int32_t* cp = cnt.data_ptr<int32_t>();
   for (int64_t i = 0; i < n; ++i)
@@ -300,7 +301,7 @@ void run_union(const Block& B, State& S) {
     std::vector<float> pooled(B.n * k1);
     // relu(s * y) == s * relu(y) for s >= 0; s = 0 zeroes the channels this instance does not use.
     relu_scale_pool(a.data_ptr<float>(), B.n * k1, B.hw(), s1.data(), pooled.data());
-    float* p2 = S.pooled2.data_ptr<float>();
+    float* p2 = S.pooled2.data();
     for (int64_t i = 0; i < B.n; ++i)
       for (int64_t j = 0; j < k1; ++j) p2[i * B.c + u1[j]] = pooled[i * k1 + j];
   }
@@ -308,7 +309,7 @@ void run_union(const Block& B, State& S) {
     std::vector<float> hidden(B.gate2.hidden);
     for (int64_t i = b; i < e; ++i)
       S.cnt2.data_ptr<int32_t>()[i] =
-          detail::gate_one(B.gate2, S.pooled2.data_ptr<float>() + i * B.c, S.g2.data_ptr<float>() + i * B.c,
+          detail::gate_one(B.gate2, S.pooled2.data() + i * B.c, S.g2.data() + i * B.c,
                            S.idx2.data_ptr<int32_t>() + i * B.c, hidden.data());
   });
   const std::vector<int32_t> u2 = active_union(S.idx2, S.cnt2, B.c);
@@ -409,28 +410,30 @@ Tensor5 gated_block_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const a
   const auto fopt = B.x.options();
   const auto iopt = fopt.dtype(at::kInt);
   // Gate 1 on the pooled input, all instances.
-  at::Tensor pooled1 = at::empty({B.n, B.cin}, fopt);
+  // Internal per-call arrays are plain vectors: tensor allocations cost ~0.5 us each, which
+  // adds up over the 27 small blocks of a CIFAR ResNet-56.
+  std::vector<float> pooled1(B.n * B.cin);
   {
     const float* xp = B.x.data_ptr<float>();
-    float* pp = pooled1.data_ptr<float>();
+    float* pp = pooled1.data();
     at::parallel_for(0, B.n * B.cin, std::max<int64_t>(1, 16384 / B.hw_in()), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) pp[i] = channel_mean(xp + i * B.hw_in(), B.hw_in());
     });
   }
-  S.g1 = at::empty({B.n, B.c}, fopt);
+  S.g1.resize(B.n * B.c);
   S.idx1 = at::empty({B.n, B.c}, iopt);
   S.cnt1 = at::empty({B.n}, iopt);
   at::parallel_for(0, B.n, 16, [&](int64_t b, int64_t e) {
     std::vector<float> hidden(B.gate1.hidden);
     for (int64_t i = b; i < e; ++i)
       S.cnt1.data_ptr<int32_t>()[i] =
-          detail::gate_one(B.gate1, pooled1.data_ptr<float>() + i * B.cin, S.g1.data_ptr<float>() + i * B.c,
+          detail::gate_one(B.gate1, pooled1.data() + i * B.cin, S.g1.data() + i * B.c,
                            S.idx1.data_ptr<int32_t>() + i * B.c, hidden.data());
   });
-  S.g2 = at::empty({B.n, B.c}, fopt);
+  S.g2.resize(B.n * B.c);
   S.idx2 = at::empty({B.n, B.c}, iopt);
   S.cnt2 = at::empty({B.n}, iopt);
-  S.pooled2 = at::zeros({B.n, B.c}, fopt);
+  S.pooled2.assign(B.n * B.c, 0.f);
   if (has_sc) {
     // The shortcut is dense (never gated): one batched 1x1 conv; the epilogue then works in place.
     S.out = at::conv2d(B.x, ws->contiguous(), bs->contiguous(), {stride, stride}).contiguous();

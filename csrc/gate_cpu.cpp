@@ -17,6 +17,17 @@ MANIDP_MULTIVERSION float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// y = W x for a row-major (rows, cols) W: one multiversioned call per layer, not per row.
+MANIDP_MULTIVERSION void matvec(const float* w, const float* x, int64_t rows, int64_t cols, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* wr = w + r * cols;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < cols; ++i) s += wr[i] * x[i];
+    y[r] = s;
+  }
+}
+
 MANIDP_MULTIVERSION float sum(const float* a, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -79,10 +90,12 @@ GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, 
 static inline float relu(float v) { return v < 0.f ? 0.f : v; }
 
 int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf) {
-  for (int64_t j = 0; j < p.hidden; ++j) hidden_buf[j] = relu(dot(p.fc1 + j * p.cin, pooled, p.cin));
+  matvec(p.fc1, pooled, p.hidden, p.cin, hidden_buf);
+  for (int64_t j = 0; j < p.hidden; ++j) hidden_buf[j] = relu(hidden_buf[j]);
+  matvec(p.fc2, hidden_buf, p.c, p.hidden, g);
   int32_t cnt = 0;
   for (int64_t c = 0; c < p.c; ++c) {
-    float v = relu(dot(p.fc2 + c * p.hidden, hidden_buf, p.hidden) + p.bias[c]);
+    float v = relu(g[c] + p.bias[c]);
     v = v > p.clamp_max ? p.clamp_max : v;
     g[c] = v;
     if (v >= p.threshold && v > 0.f) idx[cnt++] = static_cast<int32_t>(c);

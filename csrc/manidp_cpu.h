@@ -99,6 +99,7 @@ void gconv(const GConvArgs& a);
 
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);
+void matvec(const float* w, const float* x, int64_t rows, int64_t cols, float* y);
 float sum(const float* a, int64_t n);
 void scale_copy(float* dst, const float* src, float s, int64_t n);
 
