@@ -183,6 +183,13 @@ def test_auto_backend_prefers_cpu_and_save_load(tmp_path):
         assert torch.equal(loaded(x), engine(x))
 
 
+def test_engine_under_torch_compile():
+    model, x = calibrated("dyresnet20", (32, 32), 0.5)
+    engine = compile(model, backend="cpu")
+    with torch.no_grad():
+        assert torch.equal(torch.compile(engine, backend="aot_eager")(x), engine(x))
+
+
 def test_bad_mode_rejected():
     from manidp.deploy.cpu_backend import CpuBackend
     with pytest.raises(ValueError, match="mode must be one of"):

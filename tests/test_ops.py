@@ -128,6 +128,21 @@ def test_ops_trace_under_torch_compile():
     assert torch.equal(got[1], want[1])
 
 
+def test_ops_export():
+    args = _block_args()
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            out, idx1, cnt1, idx2, cnt2 = torch.ops.manidp.gated_block(x, *args, 0)
+            return out, cnt1 + cnt2
+
+    x = torch.randn(2, 8, 9, 9)
+    program = torch.export.export(Block(), (x,))
+    assert "manidp.gated_block" in program.graph_module.code
+    got, want = program.module()(x), Block()(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_bad_inputs_raise_clear_errors():
     args = _block_args()
     x = torch.randn(2, 8, 9, 9)
