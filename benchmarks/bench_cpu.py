@@ -20,6 +20,7 @@ the same timed instances.  Times are medians over ``--iters`` iterations after
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--no-write", action="store_true", help="print only, write no result files")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="LOAD",
+                   help="before timing, wait (up to --wait-max s) until the 1-minute load average is below LOAD")
+    p.add_argument("--wait-max", type=float, default=1800.0)
     return p.parse_args(argv)
 
 
@@ -76,29 +80,25 @@ def build_models(arch: str, target: float, calib_batch: int, seed: int):
 
 
 # ---------------------------------------------------------------- timing
-def time_fn(fn, inputs, iters: int, warmup: int) -> dict:
-    """Median/min/mean milliseconds of ``fn(x)`` cycling through ``inputs``."""
+def time_interleaved(cases: dict, iters: int, warmup: int) -> dict:
+    """Milliseconds per call of each ``name: (fn, inputs)``, the cases interleaved call by call.
+
+    Interleaving spreads any background load over all cases alike (the machine is shared);
+    each call cycles through the case's input batches.
+    """
+    times = {name: [] for name in cases}
     with torch.inference_mode():
-        for i in range(warmup):
-            fn(inputs[i % len(inputs)])
-        ts = []
+        for name, (fn, inputs) in cases.items():
+            for i in range(warmup):
+                fn(inputs[i % len(inputs)])
         for i in range(iters):
-            x = inputs[i % len(inputs)]
-            t0 = time.perf_counter()
-            fn(x)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "mean_ms": statistics.fmean(ts), "iters": iters}
-
-
-def time_dense(dense, inputs, iters, warmup):
-    """Best of contiguous and channels-last layouts."""
-    res = {"contiguous": time_fn(dense, inputs, iters, warmup)}
-    cl_model = dense.to(memory_format=torch.channels_last)
-    cl_inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
-    res["channels_last"] = time_fn(cl_model, cl_inputs, iters, warmup)
-    dense.to(memory_format=torch.contiguous_format)
-    best = min(res, key=lambda k: res[k]["median_ms"])
-    return dict(res[best], layout=best, layouts={k: v["median_ms"] for k, v in res.items()})
+            for name, (fn, inputs) in cases.items():
+                x = inputs[i % len(inputs)]
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "mean_ms": statistics.fmean(ts),
+                   "iters": iters} for name, ts in times.items()}
 
 
 def profile_table(engine, x, rows: int = 25) -> str:
@@ -124,10 +124,19 @@ def bench_case(arch, batch, gated, dense, engine, args):
     dense_macs = engine.dense_macs_for((size, size))
     res = {"arch": arch, "batch": batch, "input_size": [size, size], "dense_macs": dense_macs,
            "dynamic_macs_mean": float(macs.mean()), "ideal_speedup": dense_macs / float(macs.mean())}
-    res["dense"] = time_dense(dense, inputs, iters, args.warmup)
+    cl_dense = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    cl_inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    cases = {"dense_contiguous": (dense, inputs), "dense_channels_last": (cl_dense, cl_inputs),
+             "engine": (engine, inputs)}
     if not args.skip_masked:
-        res["masked"] = time_fn(gated, inputs, iters, args.warmup)
-    res["engine"] = time_fn(engine, inputs, iters, args.warmup)
+        cases["masked"] = (gated, inputs)
+    t = time_interleaved(cases, iters, args.warmup)
+    layout = min(("contiguous", "channels_last"), key=lambda k: t[f"dense_{k}"]["median_ms"])
+    res["dense"] = dict(t[f"dense_{layout}"], layout=layout,
+                        layouts={k: t[f"dense_{k}"]["median_ms"] for k in ("contiguous", "channels_last")})
+    res["engine"] = t["engine"]
+    if "masked" in t:
+        res["masked"] = t["masked"]
     res["speedup"] = res["dense"]["median_ms"] / res["engine"]["median_ms"]
     res["fraction_of_ideal"] = res["speedup"] / res["ideal_speedup"]
     if "masked" in res:
@@ -187,11 +196,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_quiet(limit: float, max_s: float) -> float:
+    """Sleep until the 1-minute load average is below ``limit`` (or ``max_s`` passed); returns it."""
+    t0 = time.time()
+    while os.getloadavg()[0] >= limit and time.time() - t0 < max_s:
+        time.sleep(15)
+    return os.getloadavg()[0]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.wait_quiet:
+        print(f"load average now {wait_quiet(args.wait_quiet, args.wait_max):.2f}", flush=True)
     report = {"environment": environment(argv), "target": args.target, "mode": args.mode,
               "calibrated_fraction": {}, "results": []}
     for arch in args.archs:
