@@ -217,15 +217,13 @@ void block_nv(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, flo
   }
 }
 
+// Register block of mr (1..kMR) rows.
+template <int MR = kMR>
 void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap& tm, float* pooled) {
-  switch (mr) {
-    case 1: block_nv<1>(a, m0, q0, tm, pooled); break;
-    case 2: block_nv<2>(a, m0, q0, tm, pooled); break;
-    case 3: block_nv<3>(a, m0, q0, tm, pooled); break;
-    case 4: block_nv<4>(a, m0, q0, tm, pooled); break;
-    case 5: block_nv<5>(a, m0, q0, tm, pooled); break;
-    default: block_nv<6>(a, m0, q0, tm, pooled); break;
+  if constexpr (MR > 1) {
+    if (mr < MR) return block_any<MR - 1>(a, m0, mr, q0, tm, pooled);
   }
+  block_nv<MR>(a, m0, q0, tm, pooled);
 }
 
 // Row blocks [b0, b1) x tiles [t0, t1) of the pixels below qend, walking each tile's rows
