@@ -1,14 +1,16 @@
 // CPU gated basic block (DESIGN 3.2): gates, compact convs, fused epilogues.
 //
-// Two strategies compute the same result:
-//  * per instance: each instance gathers the weight rows (and, for conv2, the input-channel
-//    slices) it needs, scaled by its gate values, and runs one compact conv.  Work scales
-//    with its own active counts.  At batch 1 the library conv and the gathers use every
-//    thread; at larger batch instances run in parallel with single-threaded convs.
-//  * union: the batch runs one conv over the union of its instances' active channels and
-//    the epilogue applies each instance's mask.  Batched GEMMs are more efficient, which
-//    pays when the instances' active sets overlap.
-// mode 0 picks per conv from the active counts (see choose_union).
+// Three strategies compute the same result (the op's `mode`):
+//  * per instance with gconv (the default where the CPU has AVX-512): each instance's convs
+//    run on its active channels only, reading weight rows/columns in place (gconv_cpu.cpp),
+//    with the gate scale, bias, ReLU, pooling and residual add fused into the epilogues.
+//  * per instance with the library conv: the instance gathers the weight rows (and, for conv2,
+//    the input-channel slices) it needs, scaled by its gate values, and at::conv2d (oneDNN)
+//    runs on compact tensors.
+//  * union: the batch runs one library conv over the union of its instances' active channels
+//    and the epilogue applies each instance's mask; pays only when the sets overlap a lot.
+// At batch 1 the work inside an instance uses every thread; at larger batch instances run in
+// parallel, each single-threaded.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -357,93 +359,105 @@ bool choose_union(const Block& B, const State& S) {
   return uni <= 1.5 * inst;
 }
 
-}  // namespace
 
-Tensor5 gated_block_cpu(const at::Tensor& x_in, const at::Tensor& w1_in, const at::Tensor& b1, const at::Tensor& w2_in,
-                        const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
-                        const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
-                        const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
-                        const at::Tensor& g2_fc2, const at::Tensor& g2_bias, const at::Tensor& g2_threshold,
-                        double clamp_max, int64_t stride, int64_t mode) {
+// Checks the op's arguments and collects the block's sizes and contiguous tensors.
+Block make_block(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                 const at::Tensor& b2, const c10::optional<at::Tensor>& ws, const c10::optional<at::Tensor>& bs,
+                 int64_t stride, int64_t mode) {
   using detail::check_tensor;
   const char* op = "gated_block";
-  check_tensor(op, "x", x_in, {-1, -1, -1, -1}, "(N, Cin, H, W)");
+  check_tensor(op, "x", x, {-1, -1, -1, -1}, "(N, Cin, H, W)");
   TORCH_CHECK(stride >= 1, "manidp::gated_block: stride must be >= 1; got ", stride);
   TORCH_CHECK(mode >= kAuto && mode <= kInstanceLibrary, "manidp::gated_block: mode must be 0 (auto), 1 (per "
               "instance), 2 (union) or 3 (per instance, library conv); got ", mode);
   Block B;
-  B.n = x_in.size(0);
-  B.cin = x_in.size(1);
-  B.h = x_in.size(2);
-  B.w = x_in.size(3);
+  B.n = x.size(0);
+  B.cin = x.size(1);
+  B.h = x.size(2);
+  B.w = x.size(3);
   B.stride = stride;
   B.mode = mode;
-  TORCH_CHECK(B.n >= 1 && B.h >= 1 && B.w >= 1, "manidp::gated_block: x must be non-empty; got shape ", x_in.sizes());
-  check_tensor(op, "w1", w1_in, {-1, B.cin, 3, 3}, "(C, Cin, 3, 3)");
-  B.c = w1_in.size(0);
+  TORCH_CHECK(B.n >= 1 && B.h >= 1 && B.w >= 1, "manidp::gated_block: x must be non-empty; got shape ", x.sizes());
+  check_tensor(op, "w1", w1, {-1, B.cin, 3, 3}, "(C, Cin, 3, 3)");
+  B.c = w1.size(0);
   check_tensor(op, "b1", b1, {B.c}, "(C,)");
-  check_tensor(op, "w2", w2_in, {B.c, B.c, 3, 3}, "(C, C, 3, 3)");
+  check_tensor(op, "w2", w2, {B.c, B.c, 3, 3}, "(C, C, 3, 3)");
   check_tensor(op, "b2", b2, {B.c}, "(C,)");
-  B.ho = (B.h + 2 - 3) / stride + 1;
-  B.wo = (B.w + 2 - 3) / stride + 1;
-  const bool has_sc = ws.has_value();
-  TORCH_CHECK(has_sc == bs.has_value(), "manidp::gated_block: ws and bs must be given together");
-  if (has_sc) {
+  B.ho = (B.h - 1) / stride + 1;  // 3x3, padding 1
+  B.wo = (B.w - 1) / stride + 1;
+  TORCH_CHECK(ws.has_value() == bs.has_value(), "manidp::gated_block: ws and bs must be given together");
+  if (ws.has_value()) {
     check_tensor(op, "ws", *ws, {B.c, B.cin, 1, 1}, "(C, Cin, 1, 1)");
     check_tensor(op, "bs", *bs, {B.c}, "(C,)");
   } else {
     TORCH_CHECK(stride == 1 && B.cin == B.c, "manidp::gated_block: without a shortcut conv (ws) the block needs "
                 "stride 1 and Cin == C; got stride ", stride, ", Cin ", B.cin, ", C ", B.c);
   }
-  B.x = x_in.contiguous();
-  B.w1 = w1_in.contiguous();
+  B.x = x.contiguous();
+  B.w1 = w1.contiguous();
   B.b1 = b1.contiguous();
-  B.w2 = w2_in.contiguous();
+  B.w2 = w2.contiguous();
   B.b2 = b2.contiguous();
-  // Contiguous gate tensors stay alive in these locals while the raw views are used.
-  const at::Tensor f11 = g1_fc1.contiguous(), f12 = g1_fc2.contiguous(), gb1 = g1_bias.contiguous();
-  const at::Tensor f21 = g2_fc1.contiguous(), f22 = g2_fc2.contiguous(), gb2 = g2_bias.contiguous();
-  B.gate1 = detail::gate_params(op, "gate1", f11, f12, gb1, g1_threshold, clamp_max, B.cin, B.c);
-  B.gate2 = detail::gate_params(op, "gate2", f21, f22, gb2, g2_threshold, clamp_max, B.c, B.c);
+  return B;
+}
 
-  State S;
-  const auto fopt = B.x.options();
-  const auto iopt = fopt.dtype(at::kInt);
-  // Gate 1 on the pooled input, all instances.
+// Gate 1 of every instance from its pooled input: S.g1, S.idx1, S.cnt1.
+void run_gate1(const Block& B, State& S) {
+  const auto iopt = B.x.options().dtype(at::kInt);
   // Internal per-call arrays are plain vectors: tensor allocations cost ~0.5 us each, which
   // adds up over the 27 small blocks of a CIFAR ResNet-56.
-  std::vector<float> pooled1(B.n * B.cin);
-  {
-    const float* xp = B.x.data_ptr<float>();
-    float* pp = pooled1.data();
-    at::parallel_for(0, B.n * B.cin, std::max<int64_t>(1, 16384 / B.hw_in()), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) pp[i] = channel_mean(xp + i * B.hw_in(), B.hw_in());
-    });
-  }
+  std::vector<float> pooled(B.n * B.cin);
+  const float* xp = B.x.data_ptr<float>();
+  at::parallel_for(0, B.n * B.cin, std::max<int64_t>(1, 16384 / B.hw_in()), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) pooled[i] = channel_mean(xp + i * B.hw_in(), B.hw_in());
+  });
   S.g1.resize(B.n * B.c);
   S.idx1 = at::empty({B.n, B.c}, iopt);
   S.cnt1 = at::empty({B.n}, iopt);
   at::parallel_for(0, B.n, 16, [&](int64_t b, int64_t e) {
     std::vector<float> hidden(B.gate1.hidden);
     for (int64_t i = b; i < e; ++i)
-      S.cnt1.data_ptr<int32_t>()[i] =
-          detail::gate_one(B.gate1, pooled1.data() + i * B.cin, S.g1.data() + i * B.c,
-                           S.idx1.data_ptr<int32_t>() + i * B.c, hidden.data());
+      S.cnt1.data_ptr<int32_t>()[i] = detail::gate_one(B.gate1, pooled.data() + i * B.cin, S.g1.data() + i * B.c,
+                                                       S.idx1.data_ptr<int32_t>() + i * B.c, hidden.data());
   });
+}
+
+// The block output initialised with the shortcut: the dense (never gated) 1x1 conv in place,
+// or, for the identity, an empty output whose epilogue reads x.
+void init_output(const Block& B, State& S, const c10::optional<at::Tensor>& ws, const c10::optional<at::Tensor>& bs) {
+  if (ws.has_value()) {
+    S.out = at::conv2d(B.x, ws->contiguous(), bs->contiguous(), {B.stride, B.stride}).contiguous();
+    S.residual = S.out;
+  } else {
+    S.out = at::empty({B.n, B.c, B.ho, B.wo}, B.x.options());
+    S.residual = B.x;
+  }
+}
+
+}  // namespace
+
+Tensor5 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                        const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
+                        const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
+                        const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
+                        const at::Tensor& g2_fc2, const at::Tensor& g2_bias, const at::Tensor& g2_threshold,
+                        double clamp_max, int64_t stride, int64_t mode) {
+  Block B = make_block(x, w1, b1, w2, b2, ws, bs, stride, mode);
+  // Contiguous gate tensors stay alive in these locals while the raw views are used.
+  const at::Tensor f11 = g1_fc1.contiguous(), f12 = g1_fc2.contiguous(), gb1 = g1_bias.contiguous();
+  const at::Tensor f21 = g2_fc1.contiguous(), f22 = g2_fc2.contiguous(), gb2 = g2_bias.contiguous();
+  B.gate1 = detail::gate_params("gated_block", "gate1", f11, f12, gb1, g1_threshold, clamp_max, B.cin, B.c);
+  B.gate2 = detail::gate_params("gated_block", "gate2", f21, f22, gb2, g2_threshold, clamp_max, B.c, B.c);
+
+  State S;
+  run_gate1(B, S);
+  const auto iopt = B.x.options().dtype(at::kInt);
   S.g2.resize(B.n * B.c);
   S.idx2 = at::empty({B.n, B.c}, iopt);
   S.cnt2 = at::empty({B.n}, iopt);
   S.pooled2.assign(B.n * B.c, 0.f);
-  if (has_sc) {
-    // The shortcut is dense (never gated): one batched 1x1 conv; the epilogue then works in place.
-    S.out = at::conv2d(B.x, ws->contiguous(), bs->contiguous(), {stride, stride}).contiguous();
-    S.residual = S.out;
-  } else {
-    S.out = at::empty({B.n, B.c, B.ho, B.wo}, fopt);
-    S.residual = B.x;
-  }
-  const bool use_union = mode == kUnion || (mode == kAuto && choose_union(B, S));
-  if (use_union)
+  init_output(B, S, ws, bs);
+  if (mode == kUnion || (mode == kAuto && choose_union(B, S)))
     run_union(B, S);
   else
     run_per_instance(B, S);
