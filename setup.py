@@ -8,10 +8,33 @@ Triton kernels live in ``kernels/`` and install as ``manidp.kernels``.
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit when nvcc on PATH is only a wrapper script.
+
+    torch derives CUDA_HOME from ``which nvcc`` (``/usr/local/bin/nvcc`` -> ``/usr/local``),
+    which has no CUDA headers or libraries when nvcc is a wrapper; the link then fails
+    on ``-lcudart``.  Must run before ``torch.utils.cpp_extension`` is imported.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if guess and os.path.isfile(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    for cand in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if os.path.isfile(os.path.join(cand, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
+_set_cuda_home()
 
 
 def _want_cuda() -> bool:
