@@ -217,8 +217,12 @@ class DynamicResNet(nn.Module):
         s = self.config["stem"]
         x = self.backend.prepare_stem_input(x)
         w, b = self.stem.weight.to(x.dtype), self.stem.bias.to(x.dtype)
-        x = F.relu(F.conv2d(x, w, b, stride=s["stride"], padding=s["padding"]))
-        return F.max_pool2d(x, 3, 2, 1) if s["maxpool"] else x
+        x = F.conv2d(x, w, b, stride=s["stride"], padding=s["padding"])
+        if s["maxpool"]:
+            # max-pool then ReLU equals ReLU then max-pool (ReLU is monotonic) and touches a
+            # 4x smaller map: at batch 32, 224x224, one thread, 48 ms of the stem's 215 ms.
+            x = F.max_pool2d(x, 3, 2, 1)
+        return F.relu(x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.float().mean(dim=(2, 3))
