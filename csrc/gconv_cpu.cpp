@@ -226,16 +226,19 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
   block_nv<MR>(a, m0, q0, tm, pooled);
 }
 
-// Row blocks [b0, b1) x tiles [t0, t1) of the pixels below qend, walking each tile's rows
-// while its input is in cache; pooled sums (if any) are added to `pooled`.
-void run_range(const GConvArgs& a, int64_t qend, int64_t b0, int64_t b1, int64_t t0, int64_t t1, float* pooled) {
-  for (int64_t tile = t0; tile < t1; ++tile) {
-    const int64_t q0 = tile * kTile;
-    const TileMap tm = tile_map(a, q0, qend);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * kMR;
-      block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), q0, tm, pooled);
+// Work items [i0, i1) of the (tile, row block) grid over the pixels below qend, tile-major:
+// consecutive items share a tile, whose input stays in L1/L2 while the row blocks sweep it.
+// Pooled sums (if any) are added to `pooled`.
+void run_items(const GConvArgs& a, int64_t qend, int64_t nblocks, int64_t i0, int64_t i1, float* pooled) {
+  int64_t cur = -1;
+  TileMap tm;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t tile = i / nblocks, m0 = (i % nblocks) * kMR;
+    if (tile != cur) {
+      tm = tile_map(a, tile * kTile, qend);
+      cur = tile;
     }
+    block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), tile * kTile, tm, pooled);
   }
 }
 
@@ -301,18 +304,17 @@ void gconv(const GConvArgs& a) {
   const int64_t qmain = (qend > 16 && rest <= 4) ? qend - rest : qend;
   const int64_t ntiles = (qmain + kTile - 1) / kTile;
   const int64_t nblocks = (a.m + kMR - 1) / kMR;
+  const int64_t items = ntiles * nblocks;
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (nthreads == 1) {
-    run_range(a, qmain, 0, nblocks, 0, ntiles, a.pooled);
-  } else if (nblocks >= 4 * nthreads || ntiles < 2 * nthreads) {
-    // Threads split the row blocks: each streams only its own weight rows (the late layers,
-    // where weight traffic matters, have many rows and few tiles).
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { run_range(a, qmain, b0, b1, 0, ntiles, a.pooled); });
+  if (nthreads == 1 || items == 1) {
+    run_items(a, qmain, nblocks, 0, items, a.pooled);
   } else {
-    // Few rows (small layers): threads split the tiles; pooled sums go to per-thread slots.
+    // Threads take equal runs of the (tile, row block) grid: balanced to one item whatever the
+    // shape (late layers: one tile, many row blocks; early layers: many tiles, few blocks).
+    // A row's pooled sum may come from two threads, so each thread has its own slots.
     std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      run_range(a, qmain, 0, nblocks, t0, t1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      run_items(a, qmain, nblocks, i0, i1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
     });
     if (a.pooled)
       for (int64_t t = 0; t < nthreads; ++t)
