@@ -81,7 +81,8 @@ PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride) {
 }
 
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf) {
-  at::parallel_for(0, nch, 8, [&](int64_t j0, int64_t j1) {
+  // Chunks of at least ~32K floats: below that a thread hand-off costs more than the copy.
+  at::parallel_for(0, nch, std::max<int64_t>(1, 32768 / g.cstride), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float* dst = buf + j * g.cstride;
       const float* src = x + j * g.h * g.w;
@@ -97,7 +98,8 @@ void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf
         float* b0 = dst + (rp * 2) * g.psize + 1 + i * g.wo;  // odd input columns
         float* b1 = b0 + g.psize;                             // even input columns
         const float* s = src + iy * g.w;
-        for (int64_t ix = 0; ix < g.w; ++ix) ((ix & 1) ? b0 : b1)[ix >> 1] = s[ix];
+        for (int64_t jx = 0; 2 * jx < g.w; ++jx) b1[jx] = s[2 * jx];
+        for (int64_t jx = 0; 2 * jx + 1 < g.w; ++jx) b0[jx] = s[2 * jx + 1];
       }
     }
   });
