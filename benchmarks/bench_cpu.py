@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--archs", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--target", type=float, default=0.4, help="dynamic MACs / dense MACs to calibrate for")
-    p.add_argument("--iters", type=int, default=0, help="timed iterations (0: 30 at batch 1, 7 at larger batch)")
+    p.add_argument("--iters", type=int, default=0, help="timed iterations (0: 50 at batch 1, 7 at larger batch)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rotate", type=int, default=4, help="different input batches cycled through")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -114,7 +114,7 @@ def profile_table(engine, x, rows: int = 25) -> str:
 
 def bench_case(arch, batch, gated, dense, engine, args):
     size, _ = MODELS[arch]
-    iters = args.iters or (30 if batch == 1 else 7)
+    iters = args.iters or (50 if batch == 1 else 7)
     if args.quick:
         iters = max(3, iters // 3)
     g = torch.Generator().manual_seed(1000 + batch)
