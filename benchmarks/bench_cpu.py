@@ -178,7 +178,13 @@ def markdown(report: dict) -> str:
              f"- fp32, random weights, thresholds calibrated to {report['target']:.2f} of dense MACs "
              f"(achieved on the calibration batch: "
              + ", ".join(f"{a} {f:.3f}" for a, f in report["calibrated_fraction"].items()) + ")",
+             "- dense: `manidp.models.resnetXX` in eager mode (BN as its own op) with the gated model's weights, the "
+             "faster of contiguous and channels-last; masked: the gated model in eval mode (dense convs times the mask); "
+             "engine: `manidp.deploy.compile(model, backend=\"cpu\")`",
              "- times: median ms; speedup = dense / engine; ideal = dense MACs / dynamic MACs (gates counted)",
+             "- dense, masked and engine are timed interleaved, call by call, so background load hits them alike; "
+             "absolute times on this shared VM still vary by up to ~30% between runs, the ratios much less",
+             "- load averages count this benchmark's own 2 threads",
              "",
              "| model | batch | dense ms (layout) | masked ms | engine ms | speedup | ideal | of ideal | masked/dense |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
