@@ -34,6 +34,7 @@ import torch
 
 from manidp.calibrate import calibrate_bn, calibrate_target_macs
 from manidp.deploy import compile
+from manidp.deploy.folding import fold_bn
 from manidp.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,31 @@ def build_models(arch: str, target: float, calib_batch: int, seed: int):
     state = {k: v for k, v in gated.state_dict().items() if ".gate1." not in k and ".gate2." not in k}
     dense.load_state_dict(state)
     return gated, dense.eval(), frac
+
+
+@torch.no_grad()
+def fold_dense(dense):
+    """A copy of ``dense`` with every BN folded into the conv before it (BN becomes Identity).
+
+    The stricter baseline of DESIGN 3.4: what a deployment of the dense network would run.
+    """
+    folded = copy.deepcopy(dense)
+
+    def fold(conv, bn):
+        w, b = fold_bn(conv, bn)
+        conv.weight.copy_(w)
+        conv.bias = torch.nn.Parameter(b)
+
+    fold(folded.conv1, folded.bn1)
+    folded.bn1 = torch.nn.Identity()
+    for blk in folded.blocks():
+        fold(blk.conv1, blk.bn1)
+        fold(blk.conv2, blk.bn2)
+        blk.bn1, blk.bn2 = torch.nn.Identity(), torch.nn.Identity()
+        if blk.downsample is not None and len(blk.downsample) > 1:
+            fold(blk.downsample[0], blk.downsample[1])
+            blk.downsample[1] = torch.nn.Identity()
+    return folded.eval()
 
 
 # ---------------------------------------------------------------- timing
@@ -124,21 +150,27 @@ def bench_case(arch, batch, gated, dense, engine, args):
     dense_macs = engine.dense_macs_for((size, size))
     res = {"arch": arch, "batch": batch, "input_size": [size, size], "dense_macs": dense_macs,
            "dynamic_macs_mean": float(macs.mean()), "ideal_speedup": dense_macs / float(macs.mean())}
-    cl_dense = copy.deepcopy(dense).to(memory_format=torch.channels_last)
-    cl_inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
-    cases = {"dense_contiguous": (dense, inputs), "dense_channels_last": (cl_dense, cl_inputs),
+    cl = torch.channels_last
+    folded = fold_dense(dense)
+    cl_inputs = [x.contiguous(memory_format=cl) for x in inputs]
+    cases = {"dense_contiguous": (dense, inputs), "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl),
+                                                                           cl_inputs),
+             "folded_contiguous": (folded, inputs),
+             "folded_channels_last": (copy.deepcopy(folded).to(memory_format=cl), cl_inputs),
              "engine": (engine, inputs)}
     if not args.skip_masked:
         cases["masked"] = (gated, inputs)
     t = time_interleaved(cases, iters, args.warmup)
-    layout = min(("contiguous", "channels_last"), key=lambda k: t[f"dense_{k}"]["median_ms"])
-    res["dense"] = dict(t[f"dense_{layout}"], layout=layout,
-                        layouts={k: t[f"dense_{k}"]["median_ms"] for k in ("contiguous", "channels_last")})
+    for kind in ("dense", "folded"):
+        layout = min(("contiguous", "channels_last"), key=lambda k: t[f"{kind}_{k}"]["median_ms"])
+        res[kind] = dict(t[f"{kind}_{layout}"], layout=layout,
+                         layouts={k: t[f"{kind}_{k}"]["median_ms"] for k in ("contiguous", "channels_last")})
     res["engine"] = t["engine"]
     if "masked" in t:
         res["masked"] = t["masked"]
     res["speedup"] = res["dense"]["median_ms"] / res["engine"]["median_ms"]
     res["fraction_of_ideal"] = res["speedup"] / res["ideal_speedup"]
+    res["speedup_vs_folded"] = res["folded"]["median_ms"] / res["engine"]["median_ms"]
     if "masked" in res:
         res["masked_vs_dense"] = res["masked"]["median_ms"] / res["dense"]["median_ms"]
     if args.profile:
@@ -179,22 +211,26 @@ def markdown(report: dict) -> str:
              f"(achieved on the calibration batch: "
              + ", ".join(f"{a} {f:.3f}" for a, f in report["calibrated_fraction"].items()) + ")",
              "- dense: `manidp.models.resnetXX` in eager mode (BN as its own op) with the gated model's weights, the "
-             "faster of contiguous and channels-last; masked: the gated model in eval mode (dense convs times the mask); "
+             "faster of contiguous and channels-last (the baseline the bars refer to); dense, BN folded: the same with "
+             "BN folded into the convs (the stricter baseline of DESIGN 3.4); masked: the gated model in eval mode (dense convs times the mask); "
              "engine: `manidp.deploy.compile(model, backend=\"cpu\")`",
              "- times: median ms; speedup = dense / engine; ideal = dense MACs / dynamic MACs (gates counted)",
              "- dense, masked and engine are timed interleaved, call by call, so background load hits them alike; "
              "absolute times on this shared VM still vary by up to ~30% between runs, the ratios much less",
              "- load averages count this benchmark's own 2 threads",
              "",
-             "| model | batch | dense ms (layout) | masked ms | engine ms | speedup | ideal | of ideal | masked/dense |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | dense ms (layout) | masked ms | engine ms | speedup | ideal | of ideal | masked/dense "
+             "| dense, BN folded ms | speedup over it |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         masked = f"{r['masked']['median_ms']:.2f}" if "masked" in r else "-"
         mvd = f"{r['masked_vs_dense']:.2f}x" if "masked_vs_dense" in r else "-"
         lines.append(f"| {r['arch']} {r['input_size'][0]}x{r['input_size'][1]} | {r['batch']} | "
                      f"{r['dense']['median_ms']:.2f} ({r['dense']['layout']}) | {masked} | "
                      f"{r['engine']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
-                     f"{r['fraction_of_ideal']:.2f} | {mvd} |")
+                     f"{r['fraction_of_ideal']:.2f} | {mvd} | "
+                     + (f"{r['folded']['median_ms']:.2f} ({r['folded']['layout']}) | {r['speedup_vs_folded']:.2f}x |"
+                        if "folded" in r else "- | - |"))
     for r in report["results"]:
         if "profile" in r:
             lines += ["", f"## Profile: {r['arch']} batch {r['batch']} (engine, 5 calls)", "", "```",
@@ -230,7 +266,8 @@ def main(argv=None):
             print(f"{arch:9s} b{batch:<3d} dense {r['dense']['median_ms']:8.2f} ms  "
                   + (f"masked {r['masked']['median_ms']:8.2f} ms  " if "masked" in r else "")
                   + f"engine {r['engine']['median_ms']:8.2f} ms  speedup {r['speedup']:.2f}x "
-                  f"(ideal {r['ideal_speedup']:.2f}x, {r['fraction_of_ideal']:.2f} of ideal)", flush=True)
+                  f"(ideal {r['ideal_speedup']:.2f}x, {r['fraction_of_ideal']:.2f} of ideal; "
+                  f"{r['speedup_vs_folded']:.2f}x over BN-folded dense)", flush=True)
     report["environment"]["loadavg_end"] = os.getloadavg()
     md = markdown(report)
     print(md)
