@@ -20,7 +20,10 @@ if ROOT not in sys.path:
 # one.  Subprocesses get the same count, which the bit-exact resume tests need
 # anyway (the thread count changes summation order).
 THREADS = 1
-MY_MODULES = {"test_models", "test_losses", "test_data", "test_train", "test_distributed"}
+# test_cpu_backend/test_ops: OpenMP's spinning threads make 2-thread runs many times slower on a
+# shared 2-core machine; their test_two_threads cases cover the parallel paths.
+ONE_THREAD_MODULES = {"test_models", "test_losses", "test_data", "test_train", "test_distributed",
+                      "test_cpu_backend", "test_ops"}
 
 
 @contextlib.contextmanager
@@ -36,8 +39,8 @@ def threads(n: int = THREADS):
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(request):
-    """Apply :data:`THREADS` to the training-side test modules only (others keep their setting)."""
-    if request.module.__name__.rsplit(".", 1)[-1] not in MY_MODULES:
+    """Apply :data:`THREADS` to :data:`ONE_THREAD_MODULES` only (others keep their setting)."""
+    if request.module.__name__.rsplit(".", 1)[-1] not in ONE_THREAD_MODULES:
         yield
         return
     with threads():

@@ -17,16 +17,6 @@ from manidp.models import build_model
 pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not built ({ops.IMPORT_ERROR!r})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads make 2-thread
-    runs many times slower (this file: ~8 s with one thread).  test_two_threads covers the
-    parallel paths."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 ARCHS = [("dyresnet20", (32, 32), 0.3), ("dyresnet32", (32, 32), 0.7), ("dyresnet56", (32, 32), 0.5),
          ("dyresnet110", (32, 32), 0.35), ("dyresnet18", (67, 53), 0.6), ("dyresnet34", (48, 48), 0.5)]
 MODES = ["instance", "library", "union"]

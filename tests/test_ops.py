@@ -14,17 +14,6 @@ from manidp.deploy.reference import compact_indices
 pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not built ({ops.IMPORT_ERROR!r})")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spinning threads make 2-thread
-    runs many times slower (this file: ~8 s with one thread).  test_two_threads covers the
-    parallel paths."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _gate(cin=24, c=20, hidden=10, n=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return dict(pooled=torch.randn(n, cin, generator=g), fc1=torch.randn(hidden, cin, generator=g) / cin ** 0.5,
