@@ -194,7 +194,7 @@ def environment(argv) -> dict:
         commit, dirty = "unknown", None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "git_commit": commit, "source_dirty": dirty,
-            "loadavg_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "gconv_kernel": torch.ops.manidp.gconv_isa(), "loadavg_start": os.getloadavg(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/bench_cpu.py", *argv])}
 
 

@@ -1,7 +1,7 @@
 // CPU gated basic block (DESIGN 3.2): gates, compact convs, fused epilogues.
 //
 // Three strategies compute the same result (the op's `mode`):
-//  * per instance with gconv (the default where the CPU has AVX-512): each instance's convs
+//  * per instance with gconv (the default where the CPU has AVX-512 or AVX2): each instance's convs
 //    run on its active channels only, reading weight rows/columns in place (gconv_cpu.cpp),
 //    with the gate scale, bias, ReLU, pooling and residual add fused into the epilogues.
 //  * per instance with the library conv: the instance gathers the weight rows (and, for conv2,
@@ -123,8 +123,8 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight, const at::
 // Strategies selected by the op's `mode` argument.
 enum Mode : int64_t { kAuto = 0, kInstance = 1, kUnion = 2, kInstanceLibrary = 3 };
 
-// Whether instance convs use gconv (weights read in place, AVX-512) rather than gathering
-// weights for the library conv.  gconv needs AVX-512 and stride 1 or 2 (all ResNets use).
+// Whether instance convs use gconv (weights read in place) rather than gathering weights for
+// the library conv.  gconv needs AVX-512 or AVX2 and stride 1 or 2 (all ResNets use).
 bool use_gconv(const Block& B) {
   return B.mode != kInstanceLibrary && detail::gconv_available() && (B.stride == 1 || B.stride == 2);
 }

@@ -94,7 +94,10 @@ struct GConvArgs {
   int64_t out_chan_stride = 0, out_offset = 0;
   float* pooled = nullptr;
 };
+// Whether a gconv kernel runs on this CPU (AVX-512F, or AVX2 + FMA; MANIDP_GCONV_ISA may
+// narrow the choice), and its name: "avx512", "avx2" or "none".
 bool gconv_available();
+std::string gconv_isa_name();
 void gconv(const GConvArgs& a);
 
 // Vector helpers (multiversioned).

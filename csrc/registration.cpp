@@ -37,13 +37,16 @@ TORCH_LIBRARY_FRAGMENT(manidp, m) {
   // w1 (C, Cin, 3, 3), w2 (C, C, 3, 3), optional 1x1 shortcut ws (C, Cin, 1, 1).
   // Returns out (N, C, H', W'), idx1/idx2 (N, C) int32 and cnt1/cnt2 (N,) int32 as gate_compact.
   // mode: 0 picks the strategy, 1 one compact conv per instance (gconv where the CPU has
-  // AVX-512), 2 batched library convs over the union of the batch's active channels, 3 one
+  // AVX-512 or AVX2), 2 batched library convs over the union of the batch's active channels, 3 one
   // compact library conv per instance on gathered weights.
   m.def("gated_block(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? ws, Tensor? bs, "
         "Tensor g1_fc1, Tensor g1_fc2, Tensor g1_bias, Tensor g1_threshold, "
         "Tensor g2_fc1, Tensor g2_fc2, Tensor g2_bias, Tensor g2_threshold, "
         "float clamp_max, int stride, int mode=0) "
         "-> (Tensor out, Tensor idx1, Tensor cnt1, Tensor idx2, Tensor cnt2)");
+  // The instruction set of the gathered conv kernel on this CPU: "avx512", "avx2" or "none"
+  // (gathered weights and the library conv instead).
+  m.def("gconv_isa() -> str", [] { return manidp::detail::gconv_isa_name(); });
 }
 
 TORCH_LIBRARY_IMPL(manidp, CPU, m) {

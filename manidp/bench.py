@@ -47,7 +47,7 @@ JSON schema (``"schema": "manidp-bench/1"``), all times in milliseconds::
     schema        "manidp-bench/1"
     environment   {date, command_line, argv, python, platform, device, device_name,
                    cpu_model, cpu_count, cpu_threads, torch, torch_cuda, cudnn, triton,
-                   numpy, manidp, git_commit, git_dirty, gpu_driver, load_average}
+                   numpy, manidp, git_commit, git_dirty, gpu_driver, load_average, cpu_kernel}
     config        {model, model_source, arch, num_classes, in_channels, input_size, device,
                    dtype, batch_sizes, backends, backends_available, data, warmup, iters,
                    min_iters, time_budget_s, max_time_s, num_batches, compile, compile_budget_s,
@@ -703,6 +703,12 @@ def _cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
+def _cpu_kernel() -> Optional[str]:
+    """The cpu backend's gathered-conv kernel ("avx512", "avx2" or "none"); None without the extension."""
+    from .deploy import ops
+    return torch.ops.manidp.gconv_isa() if ops.HAVE_CPU_OPS else None
+
+
 def _version(dist: str) -> Optional[str]:
     try:
         return importlib.metadata.version(dist)
@@ -745,6 +751,7 @@ def environment(argv: List[str], device: torch.device) -> dict:
         "git_dirty": None if dirty is None else bool(dirty),
         "gpu_driver": None,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_kernel": _cpu_kernel(),
     }
     if device.type == "cuda":
         try:
@@ -792,7 +799,7 @@ REPORT_SCHEMA = {"type": "object", "required": {
             "torch_cuda": ["string", "null"], "cudnn": ["integer", "null"], "triton": ["string", "null"],
             "numpy": "string", "manidp": "string", "git_commit": ["string", "null"],
             "git_dirty": ["boolean", "null"], "gpu_driver": ["string", "null"],
-            "load_average": ["array", "null"]}},
+            "load_average": ["array", "null"], "cpu_kernel": ["string", "null"]}},
         "config": {"type": "object", "required": {
             "model": "string", "model_source": "string", "arch": "string", "num_classes": "integer",
             "in_channels": "integer", "input_size": "array", "device": "string", "dtype": "string",

@@ -3,9 +3,15 @@
 Random-weight models of every architecture with realistic BN statistics and thresholds
 keeping 30-70% of the channels (:mod:`manidp.calibrate`); ImageNet models at small and odd
 input sizes to keep the suite fast.  Every strategy of the op is checked (``instance``:
-AVX-512 gathered conv where the CPU has it, ``library``: gathered weights + oneDNN,
-``union``: batched convs over the union of active channels).
+the gathered conv (gconv, AVX-512 or AVX2) where the CPU has it, ``library``: gathered
+weights + oneDNN, ``union``: batched convs over the union of active channels), and each
+gconv kernel the CPU can run, forced with ``MANIDP_GCONV_ISA`` in a child process.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -198,3 +204,48 @@ def test_two_threads():
             check(engine, x, want)
     finally:
         torch.set_num_threads(1)
+
+
+# Run in a child process: MANIDP_GCONV_ISA is read once per process.
+_FORCED_ISA_CHECK = textwrap.dedent("""
+    import torch
+    from manidp.calibrate import calibrate_bn, calibrate_keep_ratio
+    from manidp.deploy import compile
+    from manidp.models import build_model
+    torch.set_num_threads(1)
+    for arch, size, seed in (("dyresnet20", (32, 32), 0), ("dyresnet18", (45, 39), 1)):
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes=10)
+        x = torch.randn(3, 3, *size)
+        calibrate_bn(model, x)
+        calibrate_keep_ratio(model, x, 0.5)
+        model.eval()
+        with torch.no_grad():
+            want = compile(model, backend="reference")(x)
+            got = compile(model, backend="cpu")(x)
+            got1 = compile(model, backend="cpu")(x[:1])
+        for g, w in ((got, want), (got1, want[:1])):
+            err = float((g - w).abs().max() / w.abs().max())
+            assert err < 1e-4, (arch, err)
+    print(torch.ops.manidp.gconv_isa())
+""")
+
+
+def _run_with_isa(isa, script):
+    env = dict(os.environ, MANIDP_GCONV_ISA=isa)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("isa,allowed", [("avx512", {"avx512", "avx2", "none"}), ("avx2", {"avx2", "none"}),
+                                         ("off", {"none"})])
+def test_each_gconv_kernel_matches_reference(isa, allowed):
+    """Every kernel this CPU runs (a wider one is never taken when a narrower one is asked for)."""
+    r = _run_with_isa(isa, _FORCED_ISA_CHECK)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] in allowed
+
+
+def test_gconv_isa_reported_and_bad_value_rejected():
+    assert torch.ops.manidp.gconv_isa() in {"avx512", "avx2", "none"}
+    r = _run_with_isa("sse", "import torch, manidp.deploy.ops; torch.ops.manidp.gconv_isa()")
+    assert r.returncode != 0 and "MANIDP_GCONV_ISA must be auto, avx512, avx2 or off" in r.stderr

@@ -18,13 +18,30 @@ ARCHS = [("dyresnet20", (32, 32)), ("dyresnet32", (32, 32)), ("dyresnet56", (32,
 
 
 def calibrated(arch, size, keep=0.5, n=4, seed=0):
-    """A random-weight gated model with realistic BN statistics and thresholds keeping ~``keep``."""
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes=10)
-    x = torch.randn(n, 3, *size)
-    calibrate_bn(model, x)
-    calibrate_keep_ratio(model, x, keep)
-    return model.eval(), x
+    """A random-weight gated model with realistic BN statistics and thresholds keeping ~``keep``.
+
+    Calibration sets thresholds in a pass with batch statistics; eval mode then moves the gate
+    values slightly, and once in a while one lands within rounding of its threshold, where any
+    two implementations may disagree.  Such a draw tests rounding, not the engine: the next
+    seed is taken instead.
+    """
+    for attempt in range(8):
+        torch.manual_seed(seed + 1000 * attempt)
+        model = build_model(arch, num_classes=10)
+        x = torch.randn(n, 3, *size)
+        calibrate_bn(model, x)
+        calibrate_keep_ratio(model, x, keep)
+        if threshold_margin(model.eval(), x) > 1e-4:
+            break
+    return model, x
+
+
+@torch.no_grad()
+def threshold_margin(model, x):
+    """Smallest distance between a gate value and its gate's threshold on ``x``."""
+    _, records = model(x, return_gates=True)
+    margins = [(r.g - gate.threshold).abs().min() for gate, r in zip(model.gates(), records)]
+    return float(torch.stack(margins).min())
 
 
 def active_sets(model, x):

@@ -1,10 +1,12 @@
 """The ``cpu`` backend: each gated block is one C++ op (``manidp::gated_block``).
 
 The op computes the gates, then each instance's convs on its active channels
-only: with AVX-512, an implicit-GEMM conv that reads the active weight rows and
-columns where they are (no gathers) with gate scale, bias, ReLU, pooling and the
-residual add fused in; elsewhere, gathered weights and the library conv (oneDNN
-through ATen).  At batch 1 the threads share each conv; at larger batch they
+only: with AVX-512 or AVX2, an implicit-GEMM conv that reads the active weight
+rows and columns where they are (no gathers) with gate scale, bias, ReLU, pooling
+and the residual add fused in; elsewhere, gathered weights and the library conv
+(oneDNN through ATen).  ``torch.ops.manidp.gconv_isa()`` names the kernel in use;
+the environment variable ``MANIDP_GCONV_ISA`` (``avx512``, ``avx2``, ``off``)
+narrows the choice.  At batch 1 the threads share each conv; at larger batch they
 take instances.  See ``csrc/block_cpu.cpp`` and ``csrc/gconv_cpu.cpp``;
 ``mode`` selects a strategy explicitly (:data:`manidp.deploy.ops.MODES`).
 """

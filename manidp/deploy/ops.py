@@ -16,7 +16,7 @@ Ops (see the schemas in ``csrc/registration.cpp``):
 g2_bias, g2_threshold, clamp_max, stride, mode=0) -> (out, idx1, cnt1, idx2, cnt2)``
     One gated basic block (DESIGN 3.2) with BN-folded fp32 weights; outputs follow the
     :class:`~manidp.deploy.backends.BlockResult` contract.  ``mode`` (see :data:`MODES`): 0 lets the
-    kernel choose, 1 one compact conv per instance (the AVX-512 gathered conv where available),
+    kernel choose, 1 one compact conv per instance (the AVX-512 or AVX2 gathered conv where available),
     2 one batched library conv over the union of the batch's active channels, 3 one compact
     library conv per instance on gathered weights.
 """

@@ -1,0 +1,255 @@
+// The gconv kernel (see gconv_cpu.cpp), written once for any SIMD width.
+//
+// Not a normal header: a kernel file includes it after defining
+//   MANIDP_GCONV_TARGET  the function attribute of its instruction set (target("...")), and
+//   struct Isa           vector type V, lane-mask type M, lanes kW, register block kMR x kNV,
+//                        and the handful of vector operations used below.
+// Everything here has internal linkage, so the AVX-512 and the AVX2 instantiations of these
+// functions never meet at link time; only the functions marked MANIDP_GCONV_TARGET use the
+// instruction set, so nothing shared with the rest of the library is compiled for it.
+// The kernel file then defines its entry point by calling run_gconv(args).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "manidp_cpu.h"
+
+namespace manidp {
+namespace detail {
+namespace {
+
+using V = Isa::V;
+using M = Isa::M;
+constexpr int kW = Isa::kW;    // floats per vector
+constexpr int kMR = Isa::kMR;  // output rows per register block
+constexpr int kNV = Isa::kNV;  // vectors per pixel tile
+constexpr int64_t kTile = static_cast<int64_t>(kW) * kNV;
+
+// Lane bits of the vectors of one tile [q0, q0 + kTile): real pixels, and the lanes where the
+// kx = 0 / kx = 2 taps read inside the image.  Plain bits, turned into Isa masks inside the
+// kernel, so that this bookkeeping compiles for any CPU.
+struct TileMap {
+  int nv = 0;
+  uint32_t valid[kNV] = {};
+  uint32_t left[kNV] = {};
+  uint32_t right[kNV] = {};
+};
+
+TileMap tile_map(const GConvArgs& a, int64_t q0, int64_t qend) {
+  const PlaneGeometry& g = a.geom;
+  TileMap t;
+  t.nv = static_cast<int>(std::min<int64_t>(kNV, (qend - q0 + kW - 1) / kW));
+  int64_t ox = q0 % g.wo;
+  for (int v = 0; v < t.nv; ++v) {
+    for (int l = 0; l < kW; ++l, ox = (ox + 1 == g.wo) ? 0 : ox + 1) {
+      const uint32_t bit = 1u << l;
+      if (q0 + kW * v + l < qend) t.valid[v] |= bit;
+      if (ox != 0) t.left[v] |= bit;
+      if (g.stride != 1 || ox != g.wo - 1) t.right[v] |= bit;
+    }
+  }
+  return t;
+}
+
+// acc[r][v] += sum over input channels and taps of w[r][col(j) * 9 + t] * B(j, t, q0 + kW v).
+template <int MR, int NV>
+MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wrow, int64_t q0, const TileMap& tm,
+                                      V (&acc)[kMR][kNV]) {
+  const int64_t* toff = a.geom.toff;
+  const float* bj = a.in + q0;
+  M ml[NV], mr[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    ml[v] = Isa::mask(tm.left[v]);
+    mr[v] = Isa::mask(tm.right[v]);
+  }
+  for (int64_t j = 0; j < a.nch; ++j, bj += a.geom.cstride) {
+    const int64_t off = (a.cols ? static_cast<int64_t>(a.cols[j]) : j) * 9;
+    const float* wp[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) wp[r] = wrow[r] + off;
+#pragma GCC unroll 1
+    for (int ky = 0; ky < 3; ++ky) {
+#pragma GCC unroll 3
+      for (int kx = 0; kx < 3; ++kx) {
+        const int t = ky * 3 + kx;
+        const float* b = bj + toff[t];
+        V bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+          bv[v] = kx == 1 ? Isa::loadu(b + kW * v) : Isa::maskz_loadu(kx == 0 ? ml[v] : mr[v], b + kW * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const V wv = Isa::set1(wp[r][t]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fmadd(wv, bv[v], acc[r][v]);
+        }
+      }
+    }
+  }
+}
+
+// One register block: rows [m0, m0 + MR) x tile q0, all input channels, fused epilogue.
+template <int MR, int NV>
+MANIDP_GCONV_TARGET void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
+  V acc[kMR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = Isa::zero();
+  const float* wrow[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) wrow[r] = a.weight + static_cast<int64_t>(a.rows[m0 + r]) * a.ldw;
+  micro<MR, NV>(a, wrow, q0, tm, acc);
+
+  const V zero = Isa::zero();
+  M valid[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) valid[v] = Isa::mask(tm.valid[v]);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const int64_t m = m0 + r;
+    const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
+    const V bias = Isa::set1(a.bias[m]);
+    const V scale = Isa::set1(a.scale ? a.scale[m] : 1.f);
+    V psum = zero;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      V y = Isa::mul(scale, Isa::add(acc[r][v], bias));
+      float* dst = a.out + chan + a.out_offset + q0 + kW * v;
+      if (a.residual) y = Isa::add(y, Isa::maskz_loadu(valid[v], a.residual + (dst - a.out)));
+      y = Isa::max(zero, y);  // operand order: a NaN y passes through, as torch.relu
+      Isa::mask_storeu(dst, valid[v], y);
+      if (pooled) psum = Isa::add(psum, Isa::maskz_mov(valid[v], y));
+    }
+    if (pooled) pooled[m] += Isa::reduce_add(psum);
+  }
+}
+
+// Register block of the tile's nv (1..NV) vectors.
+template <int MR, int NV = kNV>
+void block_nv(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
+  if constexpr (NV > 1) {
+    if (tm.nv < NV) return block_nv<MR, NV - 1>(a, m0, q0, tm, pooled);
+  }
+  block<MR, NV>(a, m0, q0, tm, pooled);
+}
+
+// Register block of mr (1..kMR) rows.
+template <int MR = kMR>
+void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap& tm, float* pooled) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return block_any<MR - 1>(a, m0, mr, q0, tm, pooled);
+  }
+  block_nv<MR>(a, m0, q0, tm, pooled);
+}
+
+// Work items [i0, i1) of the (tile, row block) grid over the pixels below qend, tile-major:
+// consecutive items share a tile, whose input stays in L1/L2 while the row blocks sweep it.
+// Pooled sums (if any) are added to `pooled`.
+void run_items(const GConvArgs& a, int64_t qend, int64_t nblocks, int64_t i0, int64_t i1, float* pooled) {
+  int64_t cur = -1;
+  TileMap tm;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t tile = i / nblocks, m0 = (i % nblocks) * kMR;
+    if (tile != cur) {
+      tm = tile_map(a, tile * kTile, qend);
+      cur = tile;
+    }
+    block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), tile * kTile, tm, pooled);
+  }
+}
+
+// acc += a[0:n] * b[0:n], lane-wise; `rest` masks the last n % kW floats.
+MANIDP_GCONV_TARGET inline V dot_acc(V acc, const float* a, const float* b, int64_t n, M rest) {
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc = Isa::fmadd(Isa::loadu(a + i), Isa::loadu(b + i), acc);
+  if (i < n) acc = Isa::fmadd(Isa::maskz_loadu(rest, a + i), Isa::maskz_loadu(rest, b + i), acc);
+  return acc;
+}
+
+// Pixels [q0, q0 + np) of output row m as dot products along K with their patches `col`.
+MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int64_t np, int64_t q0) {
+  const int64_t k = a.nch * 9;
+  const float* wrow = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
+  const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
+  const M rest_k = Isa::mask((1u << (k % kW)) - 1u), rest_9 = Isa::mask((1u << (9 % kW)) - 1u);
+  for (int64_t p = 0; p < np; ++p) {
+    const float* c = col + p * k;
+    V acc = Isa::zero();
+    if (a.cols == nullptr) {  // conv1: the weight row is contiguous along K
+      acc = dot_acc(acc, wrow, c, k, rest_k);
+    } else {  // conv2: 9 weights per active input channel
+      for (int64_t j = 0; j < a.nch; ++j)
+        acc = dot_acc(acc, wrow + static_cast<int64_t>(a.cols[j]) * 9, c + j * 9, 9, rest_9);
+    }
+    float y = (a.scale ? a.scale[m] : 1.f) * (Isa::reduce_add(acc) + a.bias[m]);
+    float* dst = a.out + chan + a.out_offset + q0 + p;
+    if (a.residual) y += a.residual[dst - a.out];
+    y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
+    *dst = y;
+    if (a.pooled) a.pooled[m] += y;
+  }
+}
+
+// Output pixels [q0, qend) as dot products along K, for the few pixels of a map just past a
+// multiple of 16 (7 x 7 = 3 * 16 + 1): in the register blocks they would fill a vector of
+// mostly idle lanes that costs as much as a whole vector, here they cost 1/kW of one.
+void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend) {
+  const PlaneGeometry& g = a.geom;
+  const int64_t np = qend - q0, k = a.nch * 9;
+  std::vector<float> col(np * k);  // the pixels' input patches, zero where the tap is padding
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t q = q0 + p, ox = q % g.wo;
+    for (int t = 0; t < 9; ++t) {
+      const int kx = t % 3;
+      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
+      for (int64_t j = 0; j < a.nch; ++j) col[p * k + j * 9 + t] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
+    }
+  }
+  at::parallel_for(0, a.m, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, q0);
+  });
+}
+
+// The whole conv: register blocks over the (tile, row block) grid, split across threads, then
+// the tail pixels and the pooled means.
+void run_gconv(const GConvArgs& a) {
+  if (a.m <= 0) return;
+  if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
+  const int64_t qend = a.geom.ho * a.geom.wo;
+  // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
+  const int64_t rest = qend % 16;
+  const int64_t qmain = (qend > 16 && rest <= 4) ? qend - rest : qend;
+  const int64_t ntiles = (qmain + kTile - 1) / kTile;
+  const int64_t nblocks = (a.m + kMR - 1) / kMR;
+  const int64_t items = ntiles * nblocks;
+  const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (nthreads == 1 || items == 1) {
+    run_items(a, qmain, nblocks, 0, items, a.pooled);
+  } else {
+    // Threads take equal runs of the (tile, row block) grid: balanced to one item whatever the
+    // shape (late layers: one tile, many row blocks; early layers: many tiles, few blocks).
+    // A row's pooled sum may come from two threads, so each thread has its own slots.
+    std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      run_items(a, qmain, nblocks, i0, i1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
+    });
+    if (a.pooled)
+      for (int64_t t = 0; t < nthreads; ++t)
+        for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += partial[t * a.m + m];
+  }
+  if (qmain < qend) tail_pixels(a, qmain, qend);
+  if (a.pooled) {
+    const float inv = 1.f / static_cast<float>(qend);
+    for (int64_t m = 0; m < a.m; ++m) a.pooled[m] *= inv;
+  }
+}
+
+}  // namespace
+}  // namespace detail
+}  // namespace manidp
