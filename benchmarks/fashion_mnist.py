@@ -170,28 +170,76 @@ def extract_speedups(report: dict) -> dict:
     return {str(row["batch_size"]): {k: row.get(k) for k in keys} for row in report.get("summary", [])}
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"))
+
+
+def _target(r: dict) -> str:
+    if "target_remain_rate" in r:
+        return f"{r['target_remain_rate']}"
+    return "-" if r.get("matched_to_target") is None else f"FLOPs of ManiDP {r['matched_to_target']}"
+
+
+def _speedup(r: dict, batch: str) -> Optional[float]:
+    """Measured CPU speedup over the best dense method at ``batch``: the engine's for dynamic rows,
+    the same-width static network's for static rows (both from the matched ManiDP row's bench)."""
+    s = (r.get("speedups") or {}).get(batch) or {}
+    return s.get("static_speedup" if r["method"].startswith("static") else "best_gated_speedup")
+
+
+def _fmt_speedup(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mean_spread(values: List[float]) -> str:
+    m = sum(values) / len(values)
+    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+
+def _order(r: dict) -> tuple:
+    return (r["arch"], -r["flops_reduction"] if r["method"] != "dense" else 1, r["method"], r["seed"])
+
+
 def summarize(json_files: List[str], out_md: str) -> None:
-    """Merge result files of several invocations into one Markdown table."""
-    rows, env = [], None
+    """Merge result files of several invocations into Markdown: one line per run, then the mean
+    and spread over seeds of each (arch, method, target)."""
+    rows: List[dict] = []
     for path in json_files:
         with open(path) as f:
             doc = json.load(f)
-        env = env or doc["environment"]
+        env, settings = doc["environment"], doc["settings"]
+        where = (f"{env.get('cpu', env['machine'])}, {env['cpu_threads']} thread(s); "
+                 f"{settings['train_subset'] or 60000} train images, batch {settings['batch_size']}")
         for r in doc["rows"]:
-            key = (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"))
-            if key not in {(x["arch"], x["method"], x["seed"], x.get("target_remain_rate"),
-                            x.get("matched_to_target")) for x in rows}:
-                rows.append(r)
-    lines = ["| arch | method | target remain rate | seed | epochs | test top-1 % | FLOPs reduction % |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["arch"], -r["flops_reduction"] if r["method"] != "dense" else 1)):
-        t = r.get("target_remain_rate", r.get("matched_to_target"))
-        target = "-" if t is None else (f"{t}" if "target_remain_rate" in r else f"FLOPs of ManiDP {t}")
-        lines.append(f"| {r['arch']} | {r['method']} | {target} | {r['seed']} | {r['epochs']} | "
-                     f"{r['top1']:.2f} | {100 * r['flops_reduction']:.1f} |")
+            if _row_key(r) not in {_row_key(x) for x in rows}:
+                rows.append(dict(r, where=where, source=path))
+    runs = ["| arch | method | target remain rate | seed | epochs | test top-1 % | FLOPs reduction % | "
+            "CPU speedup b1 | CPU speedup b32 | trained on |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=_order):
+        runs.append(f"| {r['arch']} | {r['method']} | {_target(r)} | {r['seed']} | {r['epochs']} | "
+                    f"{r['top1']:.2f} | {100 * r['flops_reduction']:.1f} | {_fmt_speedup(_speedup(r, '1'))} | "
+                    f"{_fmt_speedup(_speedup(r, '32'))} | {r['where']} |")
+    groups: Dict[tuple, List[dict]] = {}
+    for r in sorted(rows, key=_order):
+        groups.setdefault((r["arch"], r["method"], _target(r), r["epochs"]), []).append(r)
+    agg = ["| arch | method | target remain rate | epochs | seeds | test top-1 % | FLOPs reduction % | "
+           "CPU speedup b1 |", "|---|---|---|---|---|---|---|---|"]
+    for (arch, method, target, epochs), rs in groups.items():
+        sp = [v for v in (_speedup(r, "1") for r in rs) if v is not None]
+        agg.append(f"| {arch} | {method} | {target} | {epochs} | {len(rs)} | {_mean_spread([r['top1'] for r in rs])} | "
+                   f"{_mean_spread([100 * r['flops_reduction'] for r in rs])} | "
+                   f"{_mean_spread(sp) + 'x' if sp else '-'} |")
     with open(out_md, "w") as f:
-        f.write("# Fashion-MNIST comparison\n\n" + "\n".join(lines) + "\n\n"
-                f"Environment: {json.dumps(env)}\n\nSources: {', '.join(json_files)}\n")
+        f.write("# Fashion-MNIST comparison\n\n"
+                "Mean ± half the range over seeds (one seed: the value):\n\n" + "\n".join(agg) + "\n\n"
+                "Every run:\n\n" + "\n".join(runs) + "\n\n"
+                "CPU speedup: `manidp-bench` on the run's checkpoint with Fashion-MNIST test images, over the "
+                "best dense method (eager, BN folded, BN folded + channels-last; torch.compile is opt-in on CPU) "
+                "with the "
+                "same weights; static rows give the speedup of a static network of the same average width "
+                "from the matched ManiDP run's bench.\n\n"
+                f"Sources: {', '.join(json_files)}\n")
 
 
 def main(argv=None) -> int:
@@ -226,7 +274,7 @@ def main(argv=None) -> int:
                        "top1": r["top1"], "flops_reduction": r["flops_reduction"], "epochs": args.epochs,
                        "checkpoint": f"{run_dir}/last.pth"}
                 row.update(engine_eval(row["checkpoint"], data))
-                if not args.no_timing and tag == "manidp":
+                if not args.no_timing:
                     timing = bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters)
                     if timing:
                         row.update(timing)
@@ -234,18 +282,29 @@ def main(argv=None) -> int:
         for t in targets:
             ref = next(r for r in rows if r["method"] == "manidp" and r["seed"] == seed
                        and r["target_remain_rate"] == t)
-            s = finetune_static(args, seed, dense_ckpt, 1 - ref["flops_reduction"], f"{base}/static_t{t}")
+            # Gates cost MACs: a run too short to close channels can cost more than dense.
+            frac = min(1.0 - ref["flops_reduction"], 1.0)
+            s = finetune_static(args, seed, dense_ckpt, frac, f"{base}/static_t{t}")
             rows.append({"arch": args.arch, "method": "static (L1, uniform)", "seed": seed,
                          "matched_to_target": t, "top1": s["top1"], "flops_reduction": s["flops_reduction"],
-                         "epochs": args.epochs})
+                         "epochs": args.epochs, "speedups": ref.get("speedups")})
         write(args, rows)
     write(args, rows)
     return 0
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown CPU")
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
 def write(args, rows: List[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    env = {"machine": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
+    env = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(),
+           "cpu_threads": torch.get_num_threads(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     with open(args.out, "w") as f:
         json.dump({"environment": env, "settings": vars(args), "rows": rows}, f, indent=1)

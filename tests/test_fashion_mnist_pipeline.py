@@ -1,0 +1,49 @@
+"""benchmarks/fashion_mnist.py end to end on a few hundred images: every method trains, the
+engine is evaluated, a rerun reuses the finished runs, and the summary lists every row."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from manidp.bench import fashion_mnist_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed")
+
+
+def _pipeline():
+    spec = importlib.util.spec_from_file_location("fashion_mnist_pipeline",
+                                                  os.path.join(ROOT, "benchmarks", "fashion_mnist.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pipeline_tiny(tmp_path):
+    fm = _pipeline()
+    out = tmp_path / "r.json"
+    argv = ["--arch", "resnet20", "--seeds", "3", "--train-subset", "256", "--test-subset", "200",
+            "--dense-epochs", "1", "--epochs", "2", "--targets", "0.5", "--runs", str(tmp_path / "runs"),
+            "--out", str(out), "--no-timing"]
+    assert fm.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    methods = sorted(r["method"] for r in rows)
+    assert methods == ["dense", "manidp", "no-manifold (FBS-like)", "static (L1, uniform)"]
+    for r in rows:
+        assert 0.0 <= r["top1"] <= 100.0 and 0.0 <= r["flops_reduction"] < 1.0
+    manidp = next(r for r in rows if r["method"] == "manidp")
+    assert manidp["engine_top1"] == pytest.approx(manidp["top1"], abs=1.0)  # deployed engine, same test split
+    static = next(r for r in rows if r["method"].startswith("static"))
+    assert static["flops_reduction"] == pytest.approx(manidp["flops_reduction"], abs=0.05)
+
+    mtime = os.path.getmtime(tmp_path / "runs" / "resnet20_s3" / "manidp_t0.5" / "last.pth")
+    assert fm.main(argv) == 0  # finished runs are reused, not retrained
+    assert os.path.getmtime(tmp_path / "runs" / "resnet20_s3" / "manidp_t0.5" / "last.pth") == mtime
+
+    md = tmp_path / "r.md"
+    fm.main(["summarize", str(md), str(out)])
+    text = md.read_text()
+    assert text.count("| resnet20 |") == 2 * len(rows)  # the per-seed summary and the per-run table
+    assert "CPU speedup b1" in text
