@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/fashion_mnist.json")
     p.add_argument("--no-timing", action="store_true", help="skip the manidp-bench timing of engines")
     p.add_argument("--bench-iters", type=int, default=30)
+    p.add_argument("--bench-threads", type=int, default=None,
+                   help="CPU threads of the manidp-bench timing (default: torch's choice)")
     return p.parse_args(argv)
 
 
@@ -151,15 +153,20 @@ def engine_eval(ckpt: str, data) -> Dict[str, float]:
             "backend": engine.backend.name}
 
 
-def bench_engine(ckpt: str, out_dir: str, iters: int) -> Optional[dict]:
+def bench_engine(ckpt: str, out_dir: str, iters: int, threads: Optional[int] = None) -> Optional[dict]:
     """Time the engine against dense with manidp-bench on Fashion-MNIST images; speedups per batch size."""
     cmd = [sys.executable, "-m", "manidp.bench", "--model", ckpt, "--data", "fashion-mnist",
            "--batch-sizes", "1,32", "--iters", str(iters), "--out", out_dir]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         return None
     with open(os.path.join(out_dir, "report.json")) as f:
         report = json.load(f)
-    return {"bench_report": os.path.join(out_dir, "report.json"), "speedups": extract_speedups(report)}
+    env = report["environment"]
+    return {"bench_report": os.path.join(out_dir, "report.json"), "speedups": extract_speedups(report),
+            "bench_cpu": env.get("cpu_model"), "bench_threads": env.get("cpu_threads"),
+            "bench_kernel": env.get("cpu_kernel")}
 
 
 def extract_speedups(report: dict) -> dict:
@@ -191,6 +198,12 @@ def _fmt_speedup(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _timed_on(r: dict) -> str:
+    if not r.get("speedups"):
+        return "-"
+    return f"{r.get('bench_cpu')}, {r.get('bench_threads')} thread(s), kernel {r.get('bench_kernel')}"
+
+
 def _mean_spread(values: List[float]) -> str:
     m = sum(values) / len(values)
     return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {(max(values) - min(values)) / 2:.2f}"
@@ -214,12 +227,12 @@ def summarize(json_files: List[str], out_md: str) -> None:
             if _row_key(r) not in {_row_key(x) for x in rows}:
                 rows.append(dict(r, where=where, source=path))
     runs = ["| arch | method | target remain rate | seed | epochs | test top-1 % | FLOPs reduction % | "
-            "CPU speedup b1 | CPU speedup b32 | trained on |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "CPU speedup b1 | CPU speedup b32 | trained on | timed on |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=_order):
         runs.append(f"| {r['arch']} | {r['method']} | {_target(r)} | {r['seed']} | {r['epochs']} | "
                     f"{r['top1']:.2f} | {100 * r['flops_reduction']:.1f} | {_fmt_speedup(_speedup(r, '1'))} | "
-                    f"{_fmt_speedup(_speedup(r, '32'))} | {r['where']} |")
+                    f"{_fmt_speedup(_speedup(r, '32'))} | {r['where']} | {_timed_on(r)} |")
     groups: Dict[tuple, List[dict]] = {}
     for r in sorted(rows, key=_order):
         groups.setdefault((r["arch"], r["method"], _target(r), r["epochs"]), []).append(r)
@@ -275,7 +288,7 @@ def main(argv=None) -> int:
                        "checkpoint": f"{run_dir}/last.pth"}
                 row.update(engine_eval(row["checkpoint"], data))
                 if not args.no_timing:
-                    timing = bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters)
+                    timing = bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters, args.bench_threads)
                     if timing:
                         row.update(timing)
                 rows.append(row)
@@ -287,7 +300,8 @@ def main(argv=None) -> int:
             s = finetune_static(args, seed, dense_ckpt, frac, f"{base}/static_t{t}")
             rows.append({"arch": args.arch, "method": "static (L1, uniform)", "seed": seed,
                          "matched_to_target": t, "top1": s["top1"], "flops_reduction": s["flops_reduction"],
-                         "epochs": args.epochs, "speedups": ref.get("speedups")})
+                         "epochs": args.epochs, "speedups": ref.get("speedups"),
+                         **{k: ref[k] for k in ("bench_cpu", "bench_threads", "bench_kernel") if k in ref}})
         write(args, rows)
     write(args, rows)
     return 0
