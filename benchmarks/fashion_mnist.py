@@ -221,8 +221,10 @@ def summarize(json_files: List[str], out_md: str) -> None:
         with open(path) as f:
             doc = json.load(f)
         env, settings = doc["environment"], doc["settings"]
-        where = (f"{env.get('cpu', env['machine'])}, {env['cpu_threads']} thread(s); "
-                 f"{settings['train_subset'] or 60000} train images, batch {settings['batch_size']}")
+        # The CPU of the process that wrote the file; its thread count is not recorded here,
+        # as runs are often trained by an earlier invocation (results do not depend on it).
+        cpu = env.get("cpu") or "CPU (model not recorded)"
+        where = f"{cpu}; {settings['train_subset'] or 60000} train images, batch {settings['batch_size']}"
         for r in doc["rows"]:
             if _row_key(r) not in {_row_key(x) for x in rows}:
                 rows.append(dict(r, where=where, source=path))
