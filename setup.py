@@ -2,11 +2,14 @@
 
 The C++ extension ``manidp._C`` is built from ``csrc/*.cpp`` always, and from
 ``csrc/cuda/*.cu`` where nvcc and a CUDA build of torch are present
-(``MANIDP_BUILD_CUDA=1`` forces the CUDA part, ``MANIDP_BUILD_CUDA=0`` skips it).
-Triton kernels live in ``kernels/`` and install as ``manidp.kernels``.
+(``MANIDP_BUILD_CUDA=1`` forces the CUDA part, ``MANIDP_BUILD_CUDA=0`` skips it), with the
+flags and mode numbers of ``kernels/build_config.py`` (shared with the JIT build of
+``manidp.deploy.cuda_backend.build_cuda_ops``).  Triton kernels live in ``kernels/`` and install
+as ``manidp.kernels``.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -37,6 +40,15 @@ def _set_cuda_home() -> None:
 _set_cuda_home()
 
 
+def _build_config():
+    """``kernels/build_config.py``, loaded by path: it imports nothing, so torch need not be importable."""
+    path = os.path.join(ROOT, "kernels", "build_config.py")
+    spec = importlib.util.spec_from_file_location("manidp_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _want_cuda() -> bool:
     flag = os.environ.get("MANIDP_BUILD_CUDA")
     if flag is not None:
@@ -54,17 +66,14 @@ def _extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # metadata-only invocations (e.g. egg_info without torch)
         return [], {}
+    config = _build_config()
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    kw = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    kw = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=config.OPENMP_FLAGS)
+    cxx = config.cxx_flags(openmp=True)
     if _want_cuda() and cu:
-        cuda_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if not cuda_arch:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # H100; override for other GPUs
-        ext = CUDAExtension("manidp._C", cpp + cu, define_macros=[("MANIDP_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
-                            **kw)
+        config.default_cuda_arch(os.environ)
+        ext = CUDAExtension("manidp._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": config.nvcc_flags()}, **kw)
     else:
         ext = CppExtension("manidp._C", cpp, extra_compile_args={"cxx": cxx}, **kw)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -77,11 +86,12 @@ setup(
     version="0.1.0",
     description="Manifold Regularized Dynamic Network Pruning: training and fast deployment",
     python_requires=">=3.9",
-    packages=["manidp", "manidp.deploy", "manidp.kernels"],
+    packages=["manidp", "manidp.bench", "manidp.deploy", "manidp.kernels"],
     package_dir={"manidp.kernels": "kernels"},
-    package_data={"manidp": ["assets/*.pt", "assets/*.json"]},
+    package_data={"manidp": ["assets/*.pt", "assets/*.json"], "manidp.bench": ["*.json"]},
     install_requires=["torch>=2.4", "torchvision", "tqdm", "numpy", "matplotlib"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis"],
+                    "bench": ["onnx", "onnxscript", "onnxruntime", "openvino"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": [

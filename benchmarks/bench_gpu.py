@@ -1,21 +1,19 @@
 """GPU benchmark of the gated engine (``triton`` and ``cuda`` backends) against the best dense network.
 
-Run from the repository root on the GPU machine, in ONE device call (python3.12, torch 2.11
-cu130, triton 3.6, nvcc; no package registry).  The script builds nothing; build first:
+Run it from the repository root on a CUDA machine, after building the package (``pip install
+--no-build-isolation -e .`` compiles the C++ and CUDA sources into ``manidp._C``; the ``triton``
+backend needs no build)::
 
-    pip install --no-build-isolation --no-deps -e . > $OUT/build.log 2>&1 ; \
-    python benchmarks/bench_gpu.py --out $OUT/bench 2>&1 | tail -60
+    python benchmarks/bench_gpu.py --out OUT_DIR                       # default cases, fp16 and bf16
+    python benchmarks/bench_gpu.py --out OUT_DIR --cases r56-b1 --dtypes fp16 --no-compile --layers
 
-(``pip install -e .`` compiles ``csrc/*.cpp`` and ``csrc/cuda/*.cu`` into ``manidp._C``;
-``TORCH_CUDA_ARCH_LIST`` defaults to 9.0.  If that build fails, ``MANIDP_CUDA_JIT=1``
-makes the ``cuda`` backend JIT-compile ``csrc/cuda`` alone into ``build/cuda_jit`` at
-first use, and the ``triton`` backend needs no build at all.)  Keep the whole call under
-the 10-minute limit: ``--max-minutes`` (default 8.5) stops starting new measurements
-when it is spent, and every result is written to ``--out`` as soon as it exists.
+``--max-minutes`` stops starting new measurements once that much time has passed, and
+every result is written to ``--out`` as soon as it exists, so a run cut short by a time
+limit still leaves its results.
 
 What it does, in order:
 
-1. Environment (device, SMs, L2, driver, torch/triton/CUDA versions, date, command) and
+1. Environment (:func:`manidp.bench.environment`, plus SMs, L2 size, memory and clocks) and
    the two ceilings, measured: device-to-device copy bandwidth (bytes read + written)
    and dense matrix-product rate per dtype (8192^3, random data).
 2. Correctness, per architecture: engine logits with each backend in fp32/fp16/bf16
@@ -26,12 +24,13 @@ What it does, in order:
    224x224, batch 1/64/256, CIFAR ResNet-56 at 32x32, batch 256), in fp16 and bf16.
    Random weights, BN statistics from sample data (``calibrate_bn``) and thresholds set
    so that the mean dynamic MACs are ``--target`` (0.45) of dense
-   (``calibrate_target_macs``, gates counted).  Methods, each timed as the median of
-   CUDA-event-timed iterations over 4 rotating input batches (copy into the graph's
-   static input included for graph methods):
+   (``calibrate_target_macs``, gates counted).  Every method is timed with
+   :func:`manidp.bench.measure` (CUDA events around each call, 4 rotating input batches;
+   copying into the graph's static input included for graph methods):
 
-   ``dense-cudnn-graph``   the same (BN-folded) weights as a dense network, channels-last,
-                           cuDNN, captured in a CUDA graph;
+   ``dense-cudnn-graph``   the same (BN-folded) weights as a dense network
+                           (:func:`manidp.bench.folded_dense`), channels-last, cuDNN,
+                           captured in a CUDA graph;
    ``dense-compile-graph`` the same through ``torch.compile`` (Inductor), then captured
                            (run last, skipped when out of time);
    ``gated-<b>-graph``     the engine with backend ``b`` captured with
@@ -52,12 +51,9 @@ measurement); a short table is printed last.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -68,16 +64,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from manidp.bench import environment, folded_dense, graph_runner, measure, summarize_times  # noqa: E402
 from manidp.calibrate import calibrate_bn, calibrate_target_macs  # noqa: E402
 from manidp.deploy import DynamicResNet  # noqa: E402
 from manidp.deploy.backends import BackendUnavailable, get_backend  # noqa: E402
 from manidp.deploy.cuda_graph import capture  # noqa: E402
+from manidp.flops import conv_out_size  # noqa: E402
 from manidp.models import build_model  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CUDA = torch.device("cuda")
 CASES = {  # name -> (arch, batch, input size)
     "r34-b1": ("dyresnet34", 1, 224), "r34-b64": ("dyresnet34", 64, 224), "r34-b256": ("dyresnet34", 256, 224),
     "r56-b256": ("dyresnet56", 256, 32), "r18-b1": ("dyresnet18", 1, 224), "r56-b1": ("dyresnet56", 1, 32),
@@ -90,60 +88,25 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- environment and ceilings
-def environment(argv) -> dict:
+def gpu_properties() -> dict:
+    """What the common environment does not hold: SMs, L2 size, memory, capability, clocks."""
     props = torch.cuda.get_device_properties(0)
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable] + argv),
-        "cwd": os.getcwd(),
-        "device_name": props.name,
-        "sms": props.multi_processor_count,
-        "l2_bytes": getattr(props, "L2_cache_size", None),
-        "total_memory": props.total_memory,
-        "capability": f"{props.major}.{props.minor}",
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-    }
+    out = {"sms": props.multi_processor_count, "l2_bytes": getattr(props, "L2_cache_size", None),
+           "total_memory": props.total_memory, "capability": f"{props.major}.{props.minor}", "cwd": os.getcwd()}
     try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
-        env["nvidia_smi"] = out
-        env["driver"] = out.split(",")[0].strip() if out else None
+        out["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem,power.limit",
+                                            "--format=csv,noheader"], capture_output=True, text=True,
+                                           timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        env["driver"] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                           timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
-    return env
+        out["nvidia_smi"] = None
+    return out
 
 
-def cuda_time(fn, inputs, min_iters=10, max_iters=200, budget_s=1.5, warmup=3):
-    """Median / p10 / p90 milliseconds of ``fn(inputs[i % k])``, CUDA events around each call."""
-    for i in range(warmup):
-        fn(inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    t = time.time()
-    fn(inputs[0])
-    torch.cuda.synchronize()
-    one = max(time.time() - t, 1e-5)
-    iters = int(min(max_iters, max(min_iters, budget_s / one)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for i in range(iters):
-        starts[i].record()
-        fn(inputs[i % len(inputs)])
-        ends[i].record()
-    torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return {"median_ms": statistics.median(ms), "p10_ms": ms[len(ms) // 10], "p90_ms": ms[(9 * len(ms)) // 10],
-            "iters": iters}
+def cuda_time(fn, inputs, batch: int = 1, min_iters: int = 10, max_iters: int = 200, budget_s: float = 1.5,
+              warmup: int = 3) -> dict:
+    """:func:`manidp.bench.summarize_times` of ``fn`` over rotated ``inputs`` (CUDA events around each call)."""
+    times, _ = measure(fn, inputs, CUDA, warmup, max_iters, min_iters, budget_s)
+    return summarize_times(times, batch)
 
 
 def ceilings(dtypes) -> dict:
@@ -167,45 +130,6 @@ def ceilings(dtypes) -> dict:
 
 
 # ----------------------------------------------------------------------------- models
-class FoldedDense(nn.Module):
-    """The dense network with the engine's BN-folded weights (conv + bias), for cuDNN / Inductor."""
-
-    def __init__(self, engine: DynamicResNet, dtype: torch.dtype):
-        super().__init__()
-        cfg = engine.config
-        self.stem_cfg = cfg["stem"]
-        cl = torch.channels_last
-        self.sw = nn.Parameter(engine.stem.weight.to(dtype).contiguous(memory_format=cl), requires_grad=False)
-        self.sb = nn.Parameter(engine.stem.bias.to(dtype), requires_grad=False)
-        self.blocks = []
-        for i, blk in enumerate(engine.blocks):
-            p = {"w1": blk.conv1.weight, "b1": blk.conv1.bias, "w2": blk.conv2.weight, "b2": blk.conv2.bias}
-            if blk.has_shortcut:
-                p.update(ws=blk.shortcut.weight, bs=blk.shortcut.bias)
-            names = {}
-            for k, v in p.items():
-                t = v.to(dtype)
-                t = t.contiguous(memory_format=cl) if t.dim() == 4 else t
-                self.register_parameter(f"b{i}_{k}", nn.Parameter(t, requires_grad=False))
-                names[k] = f"b{i}_{k}"
-            self.blocks.append((names, blk.stride, blk.has_shortcut))
-        self.fw = nn.Parameter(engine.fc.weight.to(dtype), requires_grad=False)
-        self.fb = nn.Parameter(engine.fc.bias.to(dtype), requires_grad=False)
-
-    def forward(self, x):
-        s = self.stem_cfg
-        x = F.relu(F.conv2d(x, self.sw, self.sb, stride=s["stride"], padding=s["padding"]))
-        if s["maxpool"]:
-            x = F.max_pool2d(x, 3, 2, 1)
-        for names, stride, has_sc in self.blocks:
-            g = lambda k: getattr(self, names[k])  # noqa: E731
-            a = F.relu(F.conv2d(x, g("w1"), g("b1"), stride=stride, padding=1))
-            b = F.conv2d(a, g("w2"), g("b2"), padding=1)
-            sc = F.conv2d(x, g("ws"), g("bs"), stride=stride) if has_sc else x
-            x = F.relu(b + sc)
-        return F.linear(x.mean(dim=(2, 3)), self.fw, self.fb)
-
-
 def build_engine(arch: str, size: int, target: float, seed: int = 0):
     """Random-weight gated model calibrated to ``target`` of dense MACs on sample data -> engine (CPU)."""
     torch.manual_seed(seed)
@@ -216,27 +140,6 @@ def build_engine(arch: str, size: int, target: float, seed: int = 0):
     achieved = calibrate_target_macs(model, sample, target)
     engine = DynamicResNet.from_model(model.cpu(), backend="reference")
     return engine, achieved
-
-
-def graph_of(fn, static_in):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        out = fn(static_in)
-    return g, out
-
-
-def replay_fn(graph, static_in):
-    def run(x):
-        static_in.copy_(x)
-        graph.replay()
-    return run
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -285,16 +188,14 @@ def check_correctness(engine, size, backends, dtypes, n=8) -> list:
 def byte_floor(engine, active, size, batch, elem) -> float:
     """Fewest bytes a gated forward must move: active weights once per distinct use, activations once."""
     act = active.double().mean(0)  # mean active count per gate
-    h = w = size
     s = engine.config["stem"]
-    h = (h + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
-    w = (w + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
+    h = w = conv_out_size(size, s["kernel"], s["stride"], s["padding"])
     if s["maxpool"]:
-        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        h = w = conv_out_size(h, 3, 2, 1)
     act_bytes, wbytes_inst, wbytes_all = 0.0, 0.0, 0.0
     for i, blk in enumerate(engine.blocks):
         c1, c2 = float(act[2 * i]), float(act[2 * i + 1])
-        ho, wo = (h - 1) // blk.stride + 1, (w - 1) // blk.stride + 1
+        ho, wo = conv_out_size(h, 3, blk.stride, 1), conv_out_size(w, 3, blk.stride, 1)
         cin, c = blk.in_channels, blk.planes
         act_bytes += (cin * h * w + c1 * ho * wo) + (c1 * ho * wo + 2 * c * ho * wo)  # conv1 in/out, conv2 in/res/out
         wbytes_inst += 9 * (c1 * cin + c1 * c2) + (cin * c if blk.has_shortcut else 0)
@@ -304,6 +205,34 @@ def byte_floor(engine, active, size, batch, elem) -> float:
 
 
 # ----------------------------------------------------------------------------- one case
+def _workload(case, engine, inputs, backend, size, dt) -> None:
+    """MACs the engine spends on ``inputs`` (gate decisions as ``backend`` makes them) and the byte floors."""
+    batch = inputs[0].shape[0]
+    dense_macs = engine.dense_macs_for((size, size))
+    engine.set_backend(backend)
+    with torch.no_grad():
+        stats = [engine(x, return_stats=True)[1] for x in inputs]
+    mean = float(torch.cat([s["macs"] for s in stats]).mean())
+    active = torch.cat([s["active"] for s in stats]).cpu()
+    case.update(dense_macs=dense_macs, dynamic_macs_mean=mean, dynamic_fraction=mean / dense_macs,
+                ideal_speedup=dense_macs / mean)
+    elem = torch.tensor([], dtype=dt).element_size()
+    case["byte_floor_gated"] = byte_floor(engine, active, size, batch, elem)
+    full = torch.tensor([blk.planes for blk in engine.blocks for _ in range(2)]).expand_as(active)
+    case["byte_floor_dense"] = byte_floor(engine, full, size, batch, elem)
+
+
+def _rooflines(case, ceil, dtype_name) -> None:
+    """MAC time at the measured matmul peak and byte time at the measured copy bandwidth, dense and gated."""
+    peak, bw, batch = ceil.get(f"matmul_{dtype_name}_flops"), ceil.get("copy_bandwidth_Bps"), case["batch"]
+    if peak:
+        case["mac_time_dense_ms"] = 2 * case["dense_macs"] * batch / peak * 1e3
+        case["mac_time_gated_ms"] = 2 * case["dynamic_macs_mean"] * batch / peak * 1e3
+    if bw:
+        case["byte_time_dense_ms"] = case["byte_floor_dense"] / bw * 1e3
+        case["byte_time_gated_ms"] = case["byte_floor_gated"] / bw * 1e3
+
+
 def run_case(name, engine, size, batch, dtype_name, backends, ceil, results, compile_queue, args):
     dt = DTYPES[dtype_name]
     case = {"case": name, "arch": engine.config["arch"], "batch": batch, "size": size, "dtype": dtype_name,
@@ -312,47 +241,22 @@ def run_case(name, engine, size, batch, dtype_name, backends, ceil, results, com
     engine.to("cuda", dt)
     gen = torch.Generator().manual_seed(1000 + batch)
     inputs = [torch.randn(batch, 3, size, size, generator=gen).cuda().to(dt) for _ in range(4)]
-    dense_macs = engine.dense_macs_for((size, size))
-    # MACs actually spent on these inputs (triton backend; gate decisions as the engine makes them)
     try:
-        engine.set_backend(backends[0])
-        with torch.no_grad():
-            stats = [engine(x, return_stats=True)[1] for x in inputs]
-        macs = torch.cat([s["macs"] for s in stats])
-        active = torch.cat([s["active"] for s in stats]).cpu()
-        case["dense_macs"] = dense_macs
-        case["dynamic_macs_mean"] = float(macs.mean())
-        case["dynamic_fraction"] = float(macs.mean()) / dense_macs
-        case["ideal_speedup"] = dense_macs / float(macs.mean())
-        elem = torch.tensor([], dtype=dt).element_size()
-        case["byte_floor_gated"] = byte_floor(engine, active, size, batch, elem)
-        full = torch.full_like(active, 0)
-        for i, blk in enumerate(engine.blocks):
-            full[:, 2 * i] = blk.planes
-            full[:, 2 * i + 1] = blk.planes
-        case["byte_floor_dense"] = byte_floor(engine, full, size, batch, elem)
+        _workload(case, engine, inputs, backends[0], size, dt)
     except Exception as e:  # noqa: BLE001
         case["error"] = f"stats: {type(e).__name__}: {e}"
         log(traceback.format_exc())
         return
-    peak = ceil.get(f"matmul_{dtype_name}_flops")
-    bw = ceil.get("copy_bandwidth_Bps")
-    if peak:
-        case["mac_time_dense_ms"] = 2 * dense_macs * batch / peak * 1e3
-        case["mac_time_gated_ms"] = 2 * case["dynamic_macs_mean"] * batch / peak * 1e3
-    if bw:
-        case["byte_time_dense_ms"] = case["byte_floor_dense"] / bw * 1e3
-        case["byte_time_gated_ms"] = case["byte_floor_gated"] / bw * 1e3
+    _rooflines(case, ceil, dtype_name)
 
     def record(method, fn, static=None):
         if time.time() - T0 > args.max_minutes * 60:
             case["methods"][method] = {"skipped": "time budget"}
             return
         try:
-            r = cuda_time(fn, inputs, budget_s=args.budget)
-            r["images_per_s"] = batch / (r["median_ms"] / 1e3)
+            r = cuda_time(fn, inputs, batch, budget_s=args.budget)
             case["methods"][method] = r
-            log(f"  {name} {dtype_name} {method:24s} {r['median_ms']:9.3f} ms  {r['images_per_s']:10.1f} img/s")
+            log(f"  {name} {dtype_name} {method:24s} {r['median_ms']:9.3f} ms  {r['throughput_ips']:10.1f} img/s")
         except Exception as e:  # noqa: BLE001
             case["methods"][method] = {"error": f"{type(e).__name__}: {e}"}
             log(f"  {name} {dtype_name} {method}: FAILED {e}")
@@ -360,13 +264,13 @@ def run_case(name, engine, size, batch, dtype_name, backends, ceil, results, com
             write_reports(results, args.out)
 
     # dense, cuDNN channels-last, CUDA graph
-    dense = FoldedDense(engine, dt).cuda()
-    static = inputs[0].clone().contiguous(memory_format=torch.channels_last)
+    dense = folded_dense(engine).to(CUDA, dt).to(memory_format=torch.channels_last)
     try:
         torch.backends.cudnn.benchmark = True
-        g, _ = graph_of(dense, static)
-        record("dense-cudnn-graph", replay_fn(g, static))
-        del g
+        with torch.no_grad():
+            graphed = graph_runner(dense, inputs[0].contiguous(memory_format=torch.channels_last))
+        record("dense-cudnn-graph", graphed)
+        del graphed
     except Exception as e:  # noqa: BLE001
         case["methods"]["dense-cudnn-graph"] = {"error": f"{type(e).__name__}: {e}"}
     # gated engines
@@ -396,12 +300,11 @@ def run_compile(case, dense, inputs, args, results):
         return
     try:
         compiled = torch.compile(dense, dynamic=False)
-        static = inputs[0].clone().contiguous(memory_format=torch.channels_last)
         t = time.time()
-        g, _ = graph_of(compiled, static)
+        with torch.no_grad():
+            graphed = graph_runner(compiled, inputs[0].contiguous(memory_format=torch.channels_last))
         compile_s = time.time() - t
-        r = cuda_time(replay_fn(g, static), inputs, budget_s=args.budget)
-        r["images_per_s"] = case["batch"] / (r["median_ms"] / 1e3)
+        r = cuda_time(graphed, inputs, case["batch"], budget_s=args.budget)
         r["compile_s"] = compile_s
         case["methods"]["dense-compile-graph"] = r
         log(f"  {case['case']} {case['dtype']} dense-compile-graph {r['median_ms']:9.3f} ms (compile {compile_s:.0f}s)")
@@ -422,8 +325,8 @@ def summarize(case):
     s = {"best_dense": bd, "best_dense_ms": dense[bd]["median_ms"], "best_gated": bg,
          "best_gated_ms": gated[bg]["median_ms"]}
     s["speedup"] = s["best_dense_ms"] / s["best_gated_ms"]
-    s["ideal_throughput"] = dense[bd]["images_per_s"] * case.get("ideal_speedup", float("nan"))
-    s["gated_throughput"] = gated[bg]["images_per_s"]
+    s["ideal_throughput"] = dense[bd]["throughput_ips"] * case.get("ideal_speedup", float("nan"))
+    s["gated_throughput"] = gated[bg]["throughput_ips"]
     s["fraction_of_ideal"] = s["gated_throughput"] / s["ideal_throughput"]
     floor_g = max(case.get("mac_time_gated_ms", 0), case.get("byte_time_gated_ms", 0))
     floor_d = max(case.get("mac_time_dense_ms", 0), case.get("byte_time_dense_ms", 0))
@@ -437,7 +340,8 @@ def summarize(case):
 # ----------------------------------------------------------------------------- per-layer kernels
 def layer_bench(backends, dtypes, args, results):
     """Gated conv1/conv2 kernels at ~60% active channels vs the dense cuDNN conv of the same shape."""
-    from manidp.deploy.gpu_common import MODE_CONV1, MODE_CONV2, choose_block_m
+    from manidp.deploy.gpu_common import choose_block_m, min_block_m
+    from manidp.kernels.build_config import MODE_CONV1, MODE_CONV2
     rows = []
     results["layers"] = rows
     shapes = [(64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1), (512, 512, 7, 1), (64, 128, 56, 2)]
@@ -451,7 +355,7 @@ def layer_bench(backends, dtypes, args, results):
                 x = torch.randn(batch, cin, hw, hw, generator=gen).cuda().to(dt).contiguous(memory_format=torch.channels_last)
                 w = (torch.randn(c, cin, 3, 3, generator=gen) / (3 * cin ** 0.5)).cuda().to(dt)
                 b = torch.randn(c, generator=gen).cuda()
-                ho = (hw - 1) // stride + 1
+                ho = conv_out_size(hw, 3, stride, 1)
                 act = torch.rand(batch, c, generator=gen) < 0.6
                 ar = torch.arange(c).expand(batch, c)
                 idx = torch.where(act, ar, ar + c).argsort(1).int().cuda()
@@ -460,7 +364,8 @@ def layer_bench(backends, dtypes, args, results):
                 wl = w.permute(0, 2, 3, 1).reshape(c, 9, cin).contiguous()
                 wcl = w.contiguous(memory_format=torch.channels_last)
                 xn = x.permute(0, 2, 3, 1)
-                bm = choose_block_m(batch, ho * ho, c, torch.cuda.get_device_properties(0).multi_processor_count)
+                bm = choose_block_m(batch, ho * ho, c, torch.cuda.get_device_properties(0).multi_processor_count,
+                                    min_block_m(CUDA))
                 row = {"dtype": name, "batch": batch, "cin": cin, "c": c, "hw": hw, "stride": stride, "block_m": bm,
                        "active": float(act.float().mean())}
                 dense_macs = batch * cin * c * 9 * ho * ho
@@ -492,13 +397,15 @@ def layer_bench(backends, dtypes, args, results):
                 write_reports(results, args.out)
 
 
+CONV_OPS = {"triton": "triton_gated_conv", "cuda": "gated_conv"}  # the gated-conv op of each GPU backend
+
+
 def _conv_op(backend):
-    if backend == "triton":
-        from manidp.deploy.triton_backend import load_kernels
-        return load_kernels().triton_gated_conv
-    if backend == "cuda":
-        return torch.ops.manidp.cuda_gated_conv
-    return None
+    """The backend's gated-conv op (``torch.ops.manidp``), registered by loading the backend; None if it has none."""
+    if backend not in CONV_OPS:
+        return None
+    get_backend(backend, CUDA, torch.float16)
+    return getattr(torch.ops.manidp, CONV_OPS[backend])
 
 
 # ----------------------------------------------------------------------------- reports
@@ -519,8 +426,8 @@ def _fmt(v, spec=".3f"):
 def markdown(results) -> str:
     env, ceil = results["environment"], results.get("ceilings", {})
     lines = [f"# GPU benchmark ({env.get('device_name')}, {env.get('date')})", "",
-             f"Command: `{env.get('command')}`  ", f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
-             f"triton {env.get('triton')}, driver {env.get('driver')}, git {env.get('git_commit')}", ""]
+             f"Command: `{env.get('command_line')}`  ", f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), "
+             f"triton {env.get('triton')}, driver {env.get('gpu_driver')}, git {env.get('git_commit')}", ""]
     if ceil:
         lines.append("Ceilings: copy " + _fmt(ceil.get("copy_bandwidth_Bps", 0) / 1e12, ".2f") + " TB/s; " +
                      ", ".join(f"{k[7:11]} matmul {v / 1e12:.0f} TFLOP/s" for k, v in ceil.items()
@@ -545,13 +452,13 @@ def markdown(results) -> str:
                      f"{_fmt(s.get('best_gated_ms'))} | {_fmt(s.get('speedup'), '.2f')} | "
                      f"{_fmt(c.get('ideal_speedup'), '.2f')} | {_fmt(s.get('fraction_of_ideal'), '.2f')} | "
                      f"{_fmt(c.get('mac_time_gated_ms'))} | {_fmt(c.get('byte_time_gated_ms'))} |")
-    lines += ["", "### All methods (median ms)", "", "| case | dtype | method | median ms | p10 | p90 | img/s |",
+    lines += ["", "### All methods (median ms)", "", "| case | dtype | method | median ms | min | p90 | img/s |",
               "|---|---|---|---|---|---|---|"]
     for c in results["cases"]:
         for k, v in c["methods"].items():
             if "median_ms" in v:
-                lines.append(f"| {c['case']} | {c['dtype']} | {k} | {v['median_ms']:.3f} | {v['p10_ms']:.3f} | "
-                             f"{v['p90_ms']:.3f} | {v['images_per_s']:.1f} |")
+                lines.append(f"| {c['case']} | {c['dtype']} | {k} | {v['median_ms']:.3f} | {v['min_ms']:.3f} | "
+                             f"{v['p90_ms']:.3f} | {v['throughput_ips']:.1f} |")
             else:
                 lines.append(f"| {c['case']} | {c['dtype']} | {k} | {v.get('error') or v.get('skipped')} | | | |")
     if results.get("layers"):
@@ -570,8 +477,7 @@ def markdown(results) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for bench_gpu.json / bench_gpu.md")
     ap.add_argument("--cases", default="r34-b1,r34-b64,r34-b256,r56-b256", help=f"from {sorted(CASES)}")
@@ -583,7 +489,40 @@ def main(argv=None):
     ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile dense baseline")
     ap.add_argument("--layers", action="store_true", help="also time single gated convs against cuDNN")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def usable_backends(names: str) -> list:
+    """The comma-separated backends that can run fp16 on this GPU (the others are logged)."""
+    backends = []
+    for b in [b for b in names.split(",") if b]:
+        try:
+            get_backend(b, CUDA, torch.float16)
+            backends.append(b)
+        except (BackendUnavailable, ValueError) as e:
+            log(f"backend {b} unavailable: {e}")
+    return backends
+
+
+def print_summary(results) -> None:
+    """The short table of every case, and the correctness verdicts."""
+    print()
+    print("case      dtype  dynMAC  best-dense        ms      best-gated          ms  speedup  ideal  of-ideal")
+    for c in results["cases"]:
+        s = c.get("summary", {})
+        print(f"{c['case']:9s} {c['dtype']:5s} {_fmt(c.get('dynamic_fraction'), '6.3f')}  "
+              f"{s.get('best_dense', '-'):17s} {_fmt(s.get('best_dense_ms'), '8.3f')}  {s.get('best_gated', '-'):18s} "
+              f"{_fmt(s.get('best_gated_ms'), '8.3f')}  {_fmt(s.get('speedup'), '6.2f')}  "
+              f"{_fmt(c.get('ideal_speedup'), '5.2f')}  {_fmt(s.get('fraction_of_ideal'), '6.2f')}")
+    for arch, rows in results["correctness"].items():
+        bad = [r for r in rows if not r.get("ok")]
+        print(f"correctness {arch}: {len(rows) - len(bad)}/{len(rows)} ok" +
+              (f"; FAILED {[(r['backend'], r['dtype'], r.get('rel_err'), r.get('error')) for r in bad]}" if bad else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -594,14 +533,9 @@ def main(argv=None):
         print(f"unknown cases {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
         return 2
     dtypes = [d for d in args.dtypes.split(",") if d]
-    backends = []
-    for b in [b for b in args.backends.split(",") if b]:
-        try:
-            get_backend(b, torch.device("cuda"), torch.float16)
-            backends.append(b)
-        except (BackendUnavailable, ValueError) as e:
-            log(f"backend {b} unavailable: {e}")
-    results = {"schema": "manidp-bench-gpu/1", "environment": environment(argv),
+    backends = usable_backends(args.backends)
+    env = dict(environment(argv, CUDA, program="benchmarks/bench_gpu.py"), **gpu_properties())
+    results = {"schema": "manidp-bench-gpu/2", "environment": env,
                "config": {"cases": cases, "dtypes": dtypes, "backends": backends, "target": args.target,
                           "budget_s": args.budget, "max_minutes": args.max_minutes},
                "cases": [], "correctness": {}}
@@ -632,18 +566,7 @@ def main(argv=None):
     if args.layers:
         layer_bench(backends, dtypes, args, results)
     write_reports(results, args.out)
-    print()
-    print("case      dtype  dynMAC  best-dense        ms      best-gated          ms  speedup  ideal  of-ideal")
-    for c in results["cases"]:
-        s = c.get("summary", {})
-        print(f"{c['case']:9s} {c['dtype']:5s} {_fmt(c.get('dynamic_fraction'), '6.3f')}  "
-              f"{s.get('best_dense', '-'):17s} {_fmt(s.get('best_dense_ms'), '8.3f')}  {s.get('best_gated', '-'):18s} "
-              f"{_fmt(s.get('best_gated_ms'), '8.3f')}  {_fmt(s.get('speedup'), '6.2f')}  "
-              f"{_fmt(c.get('ideal_speedup'), '5.2f')}  {_fmt(s.get('fraction_of_ideal'), '6.2f')}")
-    for arch, rows in results["correctness"].items():
-        bad = [r for r in rows if not r.get("ok")]
-        print(f"correctness {arch}: {len(rows) - len(bad)}/{len(rows)} ok" +
-              (f"; FAILED {[(r['backend'], r['dtype'], r.get('rel_err'), r.get('error')) for r in bad]}" if bad else ""))
+    print_summary(results)
     print(f"report: {os.path.join(args.out, 'bench_gpu.md')}  ({time.time() - T0:.0f}s)")
     return 0
 

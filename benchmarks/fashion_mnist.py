@@ -2,13 +2,15 @@
 (FBS-like), and a static channel-pruned network of the same FLOPs.
 
 Every run goes through ``manidp.train.train`` (the ``manidp-train`` code path);
-the static baseline is cut from the dense network by filter L1 norm
-(``manidp.static_pruning``) and fine-tuned with the same epochs, batch size and
+the static baseline is the narrow network cut from the dense one by filter L1
+norm (``manidp.static_pruning``: each block keeps fewer channels inside, the
+residual width stays) and fine-tuned with the same epochs, batch size and
 learning-rate schedule as the ManiDP runs.  Each finished run is skipped when
 the script is started again, so an interrupted pipeline continues where it
 stopped.  ManiDP models are compiled into engines, evaluated on the test split
-with the deployed engine, and timed with ``manidp-bench`` against the dense
-network on this machine.
+with the deployed engine, and timed with ``manidp-bench`` against the fastest
+dense runtime of the run (PyTorch, ONNX Runtime, OpenVINO, the engine with every
+gate open) on this machine.
 
 ``python benchmarks/fashion_mnist.py summarize OUT.md RESULT.json...`` merges
 result files into one Markdown table.
@@ -35,6 +37,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from manidp.bench.environment import cpu_model
 from manidp.data import build_dataset, eval_batches, train_batches
 from manidp.deploy import compile
 from manidp.flops import dense_macs
@@ -78,7 +81,7 @@ def run_or_load(save_path: str, **kwargs) -> dict:
     done = os.path.join(save_path, "last.pth")
     if not os.path.isfile(done):
         t0 = time.time()
-        train(save_path=save_path, **kwargs)
+        train(save_path=save_path, resume=True, **kwargs)  # continues a killed run, else starts fresh
         print(f"  trained {save_path} in {time.time() - t0:.0f}s", flush=True)
     with open(log) as f:
         lines = [json.loads(l) for l in f if l.strip()]
@@ -86,7 +89,7 @@ def run_or_load(save_path: str, **kwargs) -> dict:
 
 
 def finetune_static(args, seed: int, dense_ckpt: str, target_frac: float, save_path: str) -> dict:
-    """Cut a static network of ``target_frac`` x dense MACs from the dense model, fine-tune it."""
+    """Cut a static narrow network of ``target_frac`` x dense MACs from the dense model, fine-tune it."""
     result_file = os.path.join(save_path, "result.json")
     if os.path.isfile(result_file):
         with open(result_file) as f:
@@ -137,24 +140,31 @@ def accuracy(net, test_ds) -> float:
 
 
 @torch.no_grad()
-def engine_eval(ckpt: str, data) -> Dict[str, float]:
-    """Top-1 and FLOPs reduction of the compiled engine on the test split (fastest CPU backend)."""
-    engine = compile(ckpt)
+def evaluate_engine(engine, test_ds) -> dict:
+    """Top-1 (%) and MACs of ``engine`` on a test split, as the engine reports them (gates counted)."""
     correct = total = 0
     macs = []
-    for x, y in eval_batches(data.test, 256):
+    for x, y in eval_batches(test_ds, 256):
         logits, stats = engine(x.contiguous(), return_stats=True)
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)
         macs.append(stats["macs"])
-    dense = engine.dense_macs_for(data.info.input_size)
-    return {"engine_top1": 100.0 * correct / total,
-            "engine_flops_reduction": 1 - float(torch.cat(macs).mean()) / dense,
+    mean = float(torch.cat(macs).mean())
+    return {"test_top1": 100.0 * correct / total, "test_images": total,
+            "flops_reduction": 1.0 - mean / engine.dense_macs, "mean_macs": mean, "dense_macs": engine.dense_macs}
+
+
+def engine_eval(ckpt: str, data) -> Dict[str, float]:
+    """Top-1 and FLOPs reduction of the compiled engine on the test split (fastest CPU backend)."""
+    engine = compile(ckpt)
+    m = evaluate_engine(engine, data.test)
+    return {"engine_top1": m["test_top1"], "engine_flops_reduction": m["flops_reduction"],
             "backend": engine.backend.name}
 
 
 def bench_engine(ckpt: str, out_dir: str, iters: int, threads: Optional[int] = None) -> Optional[dict]:
-    """Time the engine against dense with manidp-bench on Fashion-MNIST images; speedups per batch size."""
+    """Time the engine against the best dense runtime with manidp-bench on Fashion-MNIST images; speedups per
+    batch size."""
     cmd = [sys.executable, "-m", "manidp.bench", "--model", ckpt, "--data", "fashion-mnist",
            "--batch-sizes", "1,32", "--iters", str(iters), "--out", out_dir]
     if threads:
@@ -189,7 +199,7 @@ def _target(r: dict) -> str:
 
 def _speedup(r: dict, batch: str) -> Optional[float]:
     """Measured CPU speedup over the best dense method at ``batch``: the engine's for dynamic rows,
-    the same-width static network's for static rows (both from the matched ManiDP row's bench)."""
+    the same-MACs static narrow network's for static rows (both from the matched ManiDP row's bench)."""
     s = (r.get("speedups") or {}).get(batch) or {}
     return s.get("static_speedup" if r["method"].startswith("static") else "best_gated_speedup")
 
@@ -250,10 +260,10 @@ def summarize(json_files: List[str], out_md: str) -> None:
                 "Mean ± half the range over seeds (one seed: the value):\n\n" + "\n".join(agg) + "\n\n"
                 "Every run:\n\n" + "\n".join(runs) + "\n\n"
                 "CPU speedup: `manidp-bench` on the run's checkpoint with Fashion-MNIST test images, over the "
-                "best dense method (eager, BN folded, BN folded + channels-last; torch.compile is opt-in on CPU) "
-                "with the "
-                "same weights; static rows give the speedup of a static network of the same average width "
-                "from the matched ManiDP run's bench.\n\n"
+                "fastest dense method of that run with the same weights (PyTorch eager, BN folded, channels-last; "
+                "ONNX Runtime; OpenVINO; the engine with every gate open; torch.compile is opt-in on CPU); static "
+                "rows give the speedup of the static narrow network of the same MACs (its fastest runtime) from "
+                "the matched ManiDP run's bench.\n\n"
                 f"Sources: {', '.join(json_files)}\n")
 
 
@@ -309,17 +319,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "unknown CPU")
-    except OSError:
-        return platform.processor() or "unknown CPU"
-
-
 def write(args, rows: List[dict]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    env = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(),
+    env = {"machine": platform.processor() or platform.machine(), "cpu": cpu_model() or "unknown CPU",
            "cpu_threads": torch.get_num_threads(),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     with open(args.out, "w") as f:

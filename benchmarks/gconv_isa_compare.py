@@ -12,25 +12,20 @@ of 20 runs.  Section 6 of ``benchmarks/results/cpu_design_notes.md`` was measure
 """
 
 import argparse
-import time
 
 import torch
 
+from manidp.bench import dense_model_from_gated, measure
 from manidp.calibrate import calibrate_bn, calibrate_target_macs
 from manidp.deploy import compile
 from manidp.models import build_model
 
 
 def best_ms(fn, x, runs: int = 20) -> float:
+    """Best per-thread CPU time (ms) of ``runs`` calls after 3 warm-up calls."""
     with torch.no_grad():
-        for _ in range(3):
-            fn(x)
-        best = float("inf")
-        for _ in range(runs):
-            t0 = time.thread_time()
-            fn(x)
-            best = min(best, time.thread_time() - t0)
-    return best * 1e3
+        times, _ = measure(fn, [x], torch.device("cpu"), warmup=3, iters=runs, clock="thread")
+    return min(times)
 
 
 def main() -> None:
@@ -49,7 +44,7 @@ def main() -> None:
     frac = calibrate_target_macs(model, sample, 0.4)
     model.eval()
     engine = compile(model, backend="cpu")
-    dense = build_model(args.arch.replace("dy", ""), num_classes=10).eval()
+    dense = dense_model_from_gated(model)
     x = torch.randn(args.batch, 3, *size)
     print(f"{args.arch} {size[0]}x{size[1]} batch {args.batch}: kernel {torch.ops.manidp.gconv_isa()}, "
           f"MACs {frac:.2f} of dense, engine {best_ms(engine, x):.2f} ms, dense {best_ms(dense, x):.2f} ms")

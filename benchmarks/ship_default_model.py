@@ -15,23 +15,11 @@ import time
 
 import torch
 
-from manidp.data import build_dataset, eval_batches
+from fashion_mnist import evaluate_engine
+from manidp.checkpoint import read_checkpoint
+from manidp.data import build_dataset
 from manidp.deploy import compile
 from manidp.pretrained import DEFAULT_MODEL_INFO, DEFAULT_MODEL_PATH
-
-
-@torch.no_grad()
-def evaluate(engine, data) -> dict:
-    correct, total, macs = 0, 0, []
-    for x, y in eval_batches(data.test, 256):
-        logits, stats = engine(x.contiguous(), return_stats=True)
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
-        macs.append(stats["macs"])
-    mean = float(torch.cat(macs).mean())
-    return {"test_top1": 100.0 * correct / total, "test_images": total,
-            "flops_reduction": 1.0 - mean / engine.dense_macs, "mean_macs": mean,
-            "dense_macs": engine.dense_macs}
 
 
 def main(argv=None) -> int:
@@ -40,8 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", required=True, help="how the checkpoint was trained (recorded)")
     args = p.parse_args(argv)
     engine = compile(args.checkpoint)
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    metrics = evaluate(engine, build_dataset("fashion-mnist"))
+    ckpt = read_checkpoint(args.checkpoint)
+    metrics = evaluate_engine(engine, build_dataset("fashion-mnist").test)
     engine.save(DEFAULT_MODEL_PATH)
     info = {"arch": engine.config["arch"], "dataset": "fashion-mnist", **metrics,
             "training_args": {k: v for k, v in ckpt["args"].items() if isinstance(v, (int, float, str, bool))},

@@ -1,6 +1,7 @@
-// CPU gated basic block (DESIGN 3.2): gates, compact convs, fused epilogues.
+// CPU kernel of manidp::gated_block: the gated basic block of docs/DESIGN.md 3.2 (gates, compact
+// convs, fused epilogues; docs/DESIGN.md 7.6).
 //
-// Three strategies compute the same result (the op's `mode`):
+// Three strategies compute the same result (the op's `mode`, BlockMode in manidp_common.h):
 //  * per instance with gconv (the default where the CPU has AVX-512 or AVX2): each instance's convs
 //    run on its active channels only, reading weight rows/columns in place (gconv_cpu.cpp),
 //    with the gate scale, bias, ReLU, pooling and residual add fused into the epilogues.
@@ -35,7 +36,7 @@ struct Block {
 
 // Per-call results shared by the phases.
 struct State {
-  at::Tensor idx1, cnt1, idx2, cnt2;  // (N, C) / (N,) int32, returned
+  at::Tensor idx1, cnt1, idx2, cnt2;  // (N, C) / (N,) int32; the counts are returned
   std::vector<float> g1, g2;          // (N, C) gate values
   std::vector<float> pooled2;         // (N, C) pooled conv1 output, zeros off the active set
   at::Tensor out;                     // (N, C, Ho, Wo), holds the shortcut until the epilogue
@@ -120,13 +121,10 @@ at::Tensor conv3x3(const at::Tensor& input, const at::Tensor& weight, const at::
 
 // ------------------------------------------------------------------ per-instance strategy
 
-// Strategies selected by the op's `mode` argument.
-enum Mode : int64_t { kAuto = 0, kInstance = 1, kUnion = 2, kInstanceLibrary = 3 };
-
 // Whether instance convs use gconv (weights read in place) rather than gathering weights for
 // the library conv.  gconv needs AVX-512 or AVX2 and stride 1 or 2 (all ResNets use).
 bool use_gconv(const Block& B) {
-  return B.mode != kInstanceLibrary && detail::gconv_available() && (B.stride == 1 || B.stride == 2);
+  return B.mode != kBlockLibrary && detail::gconv_available() && (B.stride == 1 || B.stride == 2);
 }
 
 // Gate values and bias entries of the active channels `idx[0:k]`.
@@ -149,6 +147,36 @@ void bias_only_conv2(const Block& B, const int32_t* a2, int32_t k2, const float*
   std::vector<float> add_const(B.c, 0.f);
   for (int32_t k = 0; k < k2; ++k) add_const[a2[k]] = s2[k] * B.b2.data_ptr<float>()[a2[k]];
   residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos, nullptr, add_const.data(), false);
+}
+
+// What conv2 of instance n needs once gate 2 has run: the active list a2[0:k2], each channel's
+// position in it (pos, -1 when inactive), the active gate values s2, and the instance's output
+// and residual maps.  done: conv2 was its bias alone and has been computed.
+struct Conv2Plan {
+  bool done = false;
+  int32_t k2 = 0;
+  const int32_t* a2 = nullptr;
+  std::vector<int32_t> pos;
+  std::vector<float> s2;
+  float* out = nullptr;
+  const float* res = nullptr;
+};
+
+// Gate 2 of instance n and its Conv2Plan.  With no input channel (k1 == 0) or no output channel,
+// conv2 is its bias alone: that epilogue runs here and the plan is done.
+Conv2Plan plan_conv2(const Block& B, State& S, int64_t n, int32_t k1) {
+  Conv2Plan P;
+  P.k2 = instance_gate2(B, S, n);
+  P.a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
+  P.pos.assign(B.c, -1);
+  for (int32_t k = 0; k < P.k2; ++k) P.pos[P.a2[k]] = k;
+  P.s2.resize(P.k2);
+  take(S.g2.data() + n * B.c, P.a2, P.k2, P.s2.data());
+  P.out = S.out.data_ptr<float>() + n * B.c * B.hw();
+  P.res = S.residual.data_ptr<float>() + n * B.c * B.hw();
+  P.done = k1 == 0 || P.k2 == 0;
+  if (P.done) bias_only_conv2(B, P.a2, P.k2, P.s2.data(), P.pos.data(), P.out, P.res);
+  return P;
 }
 
 // Instance n with gconv: x is packed into padded planes, conv1 writes relu(g1 * (W1[A1] x + b1))
@@ -179,27 +207,18 @@ void run_instance_gconv(const Block& B, State& S, int64_t n) {
     detail::gconv(c);
     for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
   }
-  const int32_t k2 = instance_gate2(B, S, n);
-  const int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
-  std::vector<int32_t> pos(B.c, -1);
-  for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
-  std::vector<float> s2(k2), bias2(k2);
-  take(S.g2.data() + n * B.c, a2, k2, s2.data());
-  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
-  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
-  if (k1 == 0 || k2 == 0) {
-    bias_only_conv2(B, a2, k2, s2.data(), pos.data(), out_n, res_n);
-    return;
-  }
-  take(B.b2.data_ptr<float>(), a2, k2, bias2.data());
+  const Conv2Plan P = plan_conv2(B, S, n, k1);
+  if (P.done) return;
+  std::vector<float> bias2(P.k2);
+  take(B.b2.data_ptr<float>(), P.a2, P.k2, bias2.data());
   detail::GConvArgs c;
   c.in = abuf.data(); c.geom = g2; c.nch = k1;
-  c.weight = B.w2.data_ptr<float>(); c.ldw = B.c * kTaps; c.rows = a2; c.cols = a1; c.m = k2;
-  c.bias = bias2.data(); c.scale = s2.data();
-  c.out = out_n; c.residual = res_n; c.out_chans = a2;
+  c.weight = B.w2.data_ptr<float>(); c.ldw = B.c * kTaps; c.rows = P.a2; c.cols = a1; c.m = P.k2;
+  c.bias = bias2.data(); c.scale = P.s2.data();
+  c.out = P.out; c.residual = P.res; c.out_chans = P.a2;
   c.out_chan_stride = B.hw(); c.out_offset = 0;
   detail::gconv(c);
-  residual_epilogue(out_n, res_n, B.c, B.hw(), nullptr, pos.data(), nullptr, nullptr, /*inactive_only=*/true);
+  residual_epilogue(P.out, P.res, B.c, B.hw(), nullptr, P.pos.data(), nullptr, nullptr, /*inactive_only=*/true);
 }
 
 // Instance n with the library conv: weights of the active channels are gathered (gate values
@@ -222,23 +241,13 @@ void run_instance_library(const Block& B, State& S, int64_t n) {
     relu_scale_pool(a.data_ptr<float>(), k1, B.hw(), nullptr, pooled.data());
     for (int32_t j = 0; j < k1; ++j) pooled2[a1[j]] = pooled[j];
   }
-  const int32_t k2 = instance_gate2(B, S, n);
-  const int32_t* a2 = S.idx2.data_ptr<int32_t>() + n * B.c;
-  std::vector<int32_t> pos(B.c, -1);
-  for (int32_t k = 0; k < k2; ++k) pos[a2[k]] = k;
-  std::vector<float> s2(k2);
-  take(S.g2.data() + n * B.c, a2, k2, s2.data());
-  float* out_n = S.out.data_ptr<float>() + n * B.c * B.hw();
-  const float* res_n = S.residual.data_ptr<float>() + n * B.c * B.hw();
-  if (k1 == 0 || k2 == 0) {
-    bias_only_conv2(B, a2, k2, s2.data(), pos.data(), out_n, res_n);
-    return;
-  }
-  at::Tensor wc = at::empty({k2, k1, 3, 3}, fopt), bc = at::empty({k2}, fopt);
-  gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, a2, k2, s2.data(), a1, k1);
-  gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, a2, k2, s2.data());
+  const Conv2Plan P = plan_conv2(B, S, n, k1);
+  if (P.done) return;
+  at::Tensor wc = at::empty({P.k2, k1, 3, 3}, fopt), bc = at::empty({P.k2}, fopt);
+  gather_rows_cols(wc.data_ptr<float>(), B.w2.data_ptr<float>(), B.c, P.a2, P.k2, P.s2.data(), a1, k1);
+  gather_rows(bc.data_ptr<float>(), B.b2.data_ptr<float>(), 1, P.a2, P.k2, P.s2.data());
   at::Tensor b = conv3x3(a, wc, bc, 1);
-  residual_epilogue(out_n, res_n, B.c, B.hw(), b.data_ptr<float>(), pos.data(), nullptr, nullptr, false);
+  residual_epilogue(P.out, P.res, B.c, B.hw(), b.data_ptr<float>(), P.pos.data(), nullptr, nullptr, false);
 }
 
 void run_instance(const Block& B, State& S, int64_t n) {
@@ -346,9 +355,8 @@ void run_union(const Block& B, State& S) {
 
 // Union pays when the batch's active sets overlap enough that its extra MACs cost less than
 // the efficiency lost by per-instance library convs (small GEMMs, one weight gather per
-// instance).  gconv instance convs do no gathers and run near peak at any batch (measured:
-// ResNet-56 block at batch 32, 0.062 ms per instance against 0.14 ms with the union), so with
-// gconv the union never pays.
+// instance).  gconv instance convs do no gathers and run near peak at any batch, so with gconv
+// the union never pays (benchmarks/results/cpu_design_notes.md).
 bool choose_union(const Block& B, const State& S) {
   if (B.n == 1 || use_gconv(B)) return false;
   const std::vector<int32_t> u1 = active_union(S.idx1, S.cnt1, B.c);
@@ -368,8 +376,10 @@ Block make_block(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1
   const char* op = "gated_block";
   check_tensor(op, "x", x, {-1, -1, -1, -1}, "(N, Cin, H, W)");
   TORCH_CHECK(stride >= 1, "manidp::gated_block: stride must be >= 1; got ", stride);
-  TORCH_CHECK(mode >= kAuto && mode <= kInstanceLibrary, "manidp::gated_block: mode must be 0 (auto), 1 (per "
-              "instance), 2 (union) or 3 (per instance, library conv); got ", mode);
+  TORCH_CHECK(mode == kBlockAuto || mode == kBlockInstance || mode == kBlockUnion || mode == kBlockLibrary,
+              "manidp::gated_block: mode must be ", static_cast<int64_t>(kBlockAuto), " (auto), ",
+              static_cast<int64_t>(kBlockInstance), " (per instance), ", static_cast<int64_t>(kBlockUnion),
+              " (union) or ", static_cast<int64_t>(kBlockLibrary), " (per instance, library conv); got ", mode);
   Block B;
   B.n = x.size(0);
   B.cin = x.size(1);
@@ -383,8 +393,8 @@ Block make_block(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1
   check_tensor(op, "b1", b1, {B.c}, "(C,)");
   check_tensor(op, "w2", w2, {B.c, B.c, 3, 3}, "(C, C, 3, 3)");
   check_tensor(op, "b2", b2, {B.c}, "(C,)");
-  B.ho = (B.h - 1) / stride + 1;  // 3x3, padding 1
-  B.wo = (B.w - 1) / stride + 1;
+  B.ho = conv_out_size(B.h, 3, stride, 1);
+  B.wo = conv_out_size(B.w, 3, stride, 1);
   TORCH_CHECK(ws.has_value() == bs.has_value(), "manidp::gated_block: ws and bs must be given together");
   if (ws.has_value()) {
     check_tensor(op, "ws", *ws, {B.c, B.cin, 1, 1}, "(C, Cin, 1, 1)");
@@ -404,8 +414,8 @@ Block make_block(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1
 // Gate 1 of every instance from its pooled input: S.g1, S.idx1, S.cnt1.
 void run_gate1(const Block& B, State& S) {
   const auto iopt = B.x.options().dtype(at::kInt);
-  // Internal per-call arrays are plain vectors: tensor allocations cost ~0.5 us each, which
-  // adds up over the 27 small blocks of a CIFAR ResNet-56.
+  // Internal per-call arrays are plain vectors: a tensor allocation goes through the dispatcher,
+  // which adds up over the many small blocks of a CIFAR ResNet.
   std::vector<float> pooled(B.n * B.cin);
   const float* xp = B.x.data_ptr<float>();
   at::parallel_for(0, B.n * B.cin, std::max<int64_t>(1, 16384 / B.hw_in()), [&](int64_t b, int64_t e) {
@@ -436,7 +446,7 @@ void init_output(const Block& B, State& S, const c10::optional<at::Tensor>& ws, 
 
 }  // namespace
 
-Tensor5 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+Tensor3 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                         const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
                         const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
                         const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
@@ -457,11 +467,11 @@ Tensor5 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Ten
   S.cnt2 = at::empty({B.n}, iopt);
   S.pooled2.assign(B.n * B.c, 0.f);
   init_output(B, S, ws, bs);
-  if (mode == kUnion || (mode == kAuto && choose_union(B, S)))
+  if (mode == kBlockUnion || (mode == kBlockAuto && choose_union(B, S)))
     run_union(B, S);
   else
     run_per_instance(B, S);
-  return {S.out, S.idx1, S.cnt1, S.idx2, S.cnt2};
+  return {S.out, S.cnt1, S.cnt2};
 }
 
 }  // namespace manidp

@@ -1,4 +1,4 @@
-// CPU gate (DESIGN 1.1, 3.3): pooled input -> gate values -> active channel list.
+// CPU gate (docs/DESIGN.md 1.1, 7.6): pooled input -> gate values -> active channel list.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// Gathered 3x3 convolution for one instance that reads weights in place (DESIGN 3.3).
+// Gathered 3x3 convolution for one instance that reads weights in place (docs/DESIGN.md 7.6).
 //
 //   y[r, p] = scale[r] * (bias[r] + sum_{j, t} W[rows[r], col(j), t] * X[j, tap_t(p)])
 //
@@ -93,8 +93,8 @@ PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride) {
   TORCH_CHECK(stride == 1 || stride == 2, "manidp: gconv supports stride 1 or 2; got ", stride);
   PlaneGeometry g;
   g.h = h; g.w = w; g.stride = stride;
-  g.ho = (h - 1) / stride + 1;
-  g.wo = (w - 1) / stride + 1;
+  g.ho = conv_out_size(h, 3, stride, 1);
+  g.wo = conv_out_size(w, 3, stride, 1);
   if (stride == 1) {
     g.psize = (h + 2) * w + 2;
     g.cstride = round16(g.psize + 16);  // last vector: q <= ho * w + 15, tap offset <= 2 * w + 2

@@ -1,4 +1,4 @@
-// Shared declarations of the CPU implementation of the manidp custom ops.
+// Shared declarations of the CPU kernels of the manidp ops (docs/DESIGN.md 7.6).
 //
 // The ops themselves are declared (schemas) in registration.cpp; this header
 // lists the CPU kernels and the small helpers the kernel files share.
@@ -10,6 +10,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "manidp_common.h"
 
 // Hot inner loops are compiled for several instruction sets and picked at load
 // time (GCC ifunc): the extension is built without -march flags so the wheel runs
@@ -23,13 +25,12 @@
 namespace manidp {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // ---------------------------------------------------------------- op kernels (CPU)
 Tensor3 gate_compact_cpu(const at::Tensor& pooled, const at::Tensor& fc1, const at::Tensor& fc2,
                          const at::Tensor& fc2_bias, const at::Tensor& threshold, double clamp_max);
 
-Tensor5 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+Tensor3 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                         const at::Tensor& b2, const c10::optional<at::Tensor>& ws,
                         const c10::optional<at::Tensor>& bs, const at::Tensor& g1_fc1, const at::Tensor& g1_fc2,
                         const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,

@@ -1,4 +1,5 @@
-"""Gate kernel (Triton): pooling + fc1 + relu + fc2 + bias + relu + clamp + threshold + compaction.
+"""Gate kernel (Triton, docs/DESIGN.md 1.1, 7.4): pooling + fc1 + relu + fc2 + bias + relu + clamp +
+threshold + compaction.
 
 Input is the per-tile channel sums ``part`` (N, T, CIN) fp32 that the previous
 conv's epilogue wrote (or a plain sum, T = 1); the pooled input is
@@ -31,7 +32,7 @@ __all__ = ["gate_kernel"]
 
 def _gate(
     part_ptr, fc1_ptr, fc2_ptr, bias_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr,
-    NB, T, CIN, HID, C, HW, clamp_max,
+    NB, T, CIN, HID, C, HW, NB_BUCKET, clamp_max,
     HID_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -50,7 +51,9 @@ def _gate(
         for t in range(0, T):
             s += tl.load(part_ptr + (rb64[:, None] * T + t) * CIN + rc[None, :],
                          mask=b_ok[:, None] & c_ok[None, :], other=0.0)
-        s = s / HW
+        # Round-to-nearest division: the active set must match the CPU kernels' fp32 pooling exactly
+        # (Triton's default fp32 division is approximate).
+        s = tl.math.div_rn(s, tl.full((BLOCK_B, BLOCK_CI), HW, tl.float32))
         w1 = tl.load(fc1_ptr + rh[None, :] * CIN + rc[:, None], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
         h = tl.dot(s, w1, h, input_precision="ieee")
     h = tl.maximum(h, 0.0)
@@ -81,9 +84,28 @@ def _gate(
 
 def _configs():
     return [triton.Config({"BLOCK_B": 16, "BLOCK_CI": 32, "BLOCK_C": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_B": 16, "BLOCK_CI": 32, "BLOCK_C": 64}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_B": 16, "BLOCK_CI": 64, "BLOCK_C": 64}, num_warps=8, num_stages=2),
             triton.Config({"BLOCK_B": 16, "BLOCK_CI": 32, "BLOCK_C": 32}, num_warps=4, num_stages=2)]
 
 
-gate_kernel = TritonKernel(_gate, _configs(), key=["NB", "T", "CIN", "HID", "C"],
-                           interp_config={"BLOCK_B": 16, "BLOCK_CI": 16, "BLOCK_C": 16})
+def warps_for(hid_p: int) -> int:
+    """4 warps, 8 for hidden layers of 128 or more (the fp32 fc products spill with 4 on sm_90)."""
+    return 8 if hid_p >= 128 else 4
+
+
+def _prune(configs, named_args, **kwargs):
+    """The warp count of :func:`warps_for`."""
+    warps = warps_for(int(kwargs.get("HID_P", named_args.get("HID_P", 16))))
+    return [c for c in configs if c.num_warps == warps] or configs[:1]
+
+
+def fixed_config(args) -> "triton.Config":
+    """The one config of the fixed mode: 16 instances, 32-channel input and 64-channel output chunks."""
+    return triton.Config({"BLOCK_B": 16, "BLOCK_CI": 32, "BLOCK_C": 64}, num_warps=warps_for(int(args["HID_P"])),
+                         num_stages=2)
+
+
+gate_kernel = TritonKernel(_gate, _configs(), key=["NB_BUCKET", "CIN", "HID", "C"],
+                           interp_config={"BLOCK_B": 16, "BLOCK_CI": 16, "BLOCK_C": 16},
+                           fixed_config=fixed_config, prune=_prune, do_not_specialize=("NB", "T", "HW", "NB_BUCKET"))

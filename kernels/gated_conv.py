@@ -1,4 +1,4 @@
-"""Gathered implicit-GEMM convolution with the fused epilogues of DESIGN 3.2 (Triton).
+"""Gathered implicit-GEMM convolution with the fused epilogues of docs/DESIGN.md 3.2 (Triton, 7.4).
 
 One program computes a ``BLOCK_M x BLOCK_N`` tile of one instance's output:
 ``BLOCK_M`` output pixels times ``BLOCK_N`` entries of the instance's output
@@ -16,14 +16,14 @@ pipeline spans taps).  Layouts:
 * ``out_idx`` is a full permutation per instance: the ``out_cnt[n]`` active
   channels ascending, then the inactive ones (as the gate kernels write it).
 
-Modes (``MODE``):
+Modes (``MODE``, numbered in :mod:`manidp.kernels.build_config`):
 
-0. plain conv + bias, dense output (the 1x1 strided shortcut).
-1. conv1: ``relu(g[oc] * (acc + b[oc]))`` stored compact at position ``j``
+* plain: conv + bias, dense output (the 1x1 strided shortcut).
+* conv1: ``relu(g[oc] * (acc + b[oc]))`` stored compact at position ``j``
    (``out`` is (N, HO, WO, COUT), only ``j < out_cnt[n]`` written).  Writes
    the per-tile channel sums ``part[n, tile, oc]`` in full channel space
    (zero for inactive channels) for gate2.
-2. conv2: ``relu(res[oc] + g[oc] * (acc + b[oc]))`` for active ``j``,
+* conv2: ``relu(res[oc] + g[oc] * (acc + b[oc]))`` for active ``j``,
    ``relu(res[oc])`` for the others: every output channel is written, tiles
    holding no active channel skip the reduction.  Writes channel sums of the
    block output (for the next block's gate1).
@@ -38,17 +38,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import build_config
 from ._launch import TritonKernel
 
-__all__ = ["gated_conv_kernel", "MODE_PLAIN", "MODE_CONV1", "MODE_CONV2"]
+__all__ = ["gated_conv_kernel"]
 
-MODE_PLAIN, MODE_CONV1, MODE_CONV2 = 0, 1, 2
+# Kernels read module globals only as constexprs.
+PLAIN = tl.constexpr(build_config.MODE_PLAIN)
+CONV1 = tl.constexpr(build_config.MODE_CONV1)
+CONV2 = tl.constexpr(build_config.MODE_CONV2)
 
 
 def _gated_conv(
     x_ptr, w_ptr, bias_ptr, in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr, gate_ptr, res_ptr,
     out_ptr, part_ptr,
-    NB, H, W, HO, WO, CIN_BUF, CIN, COUT, T,
+    NB, H, W, HO, WO, CIN_BUF, CIN, COUT, T, NB_BUCKET,
     STRIDE: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr, MODE: tl.constexpr,
     HAS_IN_IDX: tl.constexpr, HAS_OUT_IDX: tl.constexpr, WRITE_PART: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -110,10 +114,10 @@ def _gated_conv(
     bias = tl.load(bias_ptr + oc, mask=j_ok, other=0.0)
     v = acc + bias[None, :]
     out_base = out_ptr + n64 * HWO * COUT
-    if MODE == 0:
+    if MODE == PLAIN:
         tl.store(out_base + rm[:, None] * COUT + oc[None, :], v.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & j_ok[None, :])
-    if MODE == 1:
+    if MODE == CONV1:
         g = tl.load(gate_ptr + n64 * COUT + oc, mask=j_act, other=0.0)
         v = tl.maximum(v * g[None, :], 0.0)
         vq = v.to(out_ptr.dtype.element_ty)
@@ -121,7 +125,7 @@ def _gated_conv(
         if WRITE_PART:
             s = tl.sum(tl.where(m_ok[:, None] & j_act[None, :], vq.to(tl.float32), 0.0), axis=0)
             tl.store(part_ptr + (n64 * T + pid_m) * COUT + oc, s, mask=j_ok)
-    if MODE == 2:
+    if MODE == CONV2:
         g = tl.load(gate_ptr + n64 * COUT + oc, mask=j_act, other=0.0)
         res_base = res_ptr + n64 * HWO * COUT
         r = tl.load(res_base + rm[:, None] * COUT + oc[None, :], mask=m_ok[:, None] & j_ok[None, :],
@@ -135,23 +139,47 @@ def _gated_conv(
 
 
 def _configs():
-    # Few configs on purpose: every (dtype, mode, stride, BLOCK_M) variant compiles each of them
-    # (~1-2 s apiece) the first time it is autotuned.
+    # The autotuning space (MANIDP_TRITON_AUTOTUNE=1).  No BLOCK_N = 128 configs: with the gathered
+    # conv2 operands they spill on sm_90 (docs/DESIGN.md 7.4); 8 warps for 128-row tiles, whose
+    # conv2 spills with 4.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-            for bn, bk, warps, stages in [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
-                                          (32, 32, 4, 3), (64, 16, 4, 3), (32, 16, 4, 3)]]
+            for bn, bk, warps, stages in [(64, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 3), (64, 16, 4, 3),
+                                          (32, 16, 4, 3), (64, 32, 8, 3), (64, 16, 8, 3), (32, 32, 8, 3),
+                                          (32, 16, 8, 3)]]
+
+
+def warps_for(block_m: int) -> int:
+    """4 warps, 8 for 128-row tiles (the conv2 accumulator and gathered operands spill with 4)."""
+    return 8 if block_m >= 128 else 4
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles no wider than the layer (ResNet channel counts are powers of two); BLOCK_K 16 only for 16 channels."""
+    """Tiles no wider than the layer (ResNet channel counts are powers of two); BLOCK_K 16 only for 16
+    channels; the warp count of :func:`warps_for`."""
     cout, cin = int(named_args["COUT"]), int(named_args["CIN"])
+    warps = warps_for(int(kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))))
     max_n = max(32, triton.next_power_of_2(cout))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and (c.kwargs["BLOCK_K"] == 16) == (cin <= 16)]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and (c.kwargs["BLOCK_K"] == 16) == (cin <= 16)
+            and c.num_warps == warps]
     return kept or configs[:1]
 
 
+def fixed_config(args) -> "triton.Config":
+    """The one config of the fixed mode: 64-wide channel tiles (32 for narrower layers), K chunks of 32
+    (16 for 16-channel inputs), :func:`warps_for` the tile rows, 3 stages.  Depends on the channel
+    counts and tile rows only, so a layer compiles once per (dtype, mode, stride, tile rows,
+    channel class)."""
+    bn = 64 if int(args["COUT"]) >= 64 else 32
+    bk = 16 if int(args["CIN"]) <= 16 else 32
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps_for(int(args["BLOCK_M"])), num_stages=3)
+
+
+# Shapes that vary per layer and batch are not specialised on (one compile serves them); the channel
+# counts are, for their divisibility by 16 (vector loads).
+SHAPE_ARGS = ("NB", "H", "W", "HO", "WO", "T", "NB_BUCKET")
+
 gated_conv_kernel = TritonKernel(
     _gated_conv, _configs(),
-    key=["NB", "H", "W", "HO", "WO", "CIN", "COUT", "BLOCK_M", "MODE", "HAS_IN_IDX"],
+    key=["NB_BUCKET", "HO", "WO", "CIN", "COUT", "STRIDE", "BLOCK_M", "MODE", "HAS_IN_IDX"],
     interp_config={"BLOCK_N": 16, "BLOCK_K": 16},
-    prune=_prune)
+    fixed_config=fixed_config, prune=_prune, do_not_specialize=SHAPE_ARGS)

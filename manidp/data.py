@@ -6,11 +6,12 @@ Nothing here downloads.  Every loader validates what it reads and raises one
 
 CIFAR-10, Fashion-MNIST and the synthetic set live in memory as tensors
 (:class:`TensorImageDataset`); their batches are cut and augmented in one
-vectorised step instead of going through a per-image ``DataLoader``, which is
-several times faster on small CPUs.  Augmentation draws (crop offsets, flips)
-are fixed per ``(seed, epoch, image)``, so a batch is the same whatever the
-number of processes and whether or not the run was resumed.  ImageNet goes
-through a regular ``DataLoader`` with seeded workers.
+vectorised step instead of going through a per-image ``DataLoader``, whose
+per-image Python work would dominate an epoch on a small CPU.  Normalisation is
+:mod:`manidp.preprocess`'s, the one the engine and the bench use.  Augmentation
+draws (crop offsets, flips) are fixed per ``(seed, epoch, image)``, so a batch is
+the same whatever the number of processes and whether or not the run was
+resumed.  ImageNet goes through a regular ``DataLoader`` with seeded workers.
 
 Sharding follows :class:`torch.utils.data.DistributedSampler` (``set_epoch``
 semantics): with ``W`` processes each holding ``batch_size // W`` images, the
@@ -25,6 +26,7 @@ import os
 import pickle
 import random
 import struct
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from .preprocess import channel_vector, dataset_stats, normalize_pixels
 
 __all__ = [
     "DatasetError", "DatasetInfo", "DataBundle", "TensorImageDataset", "DATASETS",
@@ -43,9 +47,9 @@ __all__ = [
 DATASETS = ("cifar10", "fashion-mnist", "imagenet", "synthetic")
 DEFAULT_FASHION_MNIST_PATH = "/usr/share/datasets/fashion-mnist"
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD, _ = dataset_stats("cifar10")
+FMNIST_MEAN, FMNIST_STD, FMNIST_PAD = dataset_stats("fashion-mnist")
+IMAGENET_MEAN, IMAGENET_STD, _ = dataset_stats("imagenet")
 
 CIFAR10_LAYOUT = ("a directory holding torchvision's CIFAR-10 python format: cifar-10-batches-py/"
                   "{data_batch_1..5, test_batch, batches.meta} (the cifar-10-batches-py directory "
@@ -106,7 +110,8 @@ class TensorImageDataset(Dataset):
     Args:
         images: (N, C, H, W) uint8 (0..255) or float (already in model units before mean/std).
         labels: (N,) int64.
-        mean, std: per-channel normalisation (applied after scaling uint8 to [0, 1]).
+        mean, std: per-channel normalisation (applied after scaling uint8 to [0, 1]), as
+            :func:`manidp.preprocess.normalize_pixels` does for every other consumer.
         augment: random crop with ``pad`` pixels of zero padding, and horizontal flip.
     """
 
@@ -117,8 +122,7 @@ class TensorImageDataset(Dataset):
             raise ValueError(f"images (N,C,H,W) and labels (N,) expected; got {tuple(images.shape)} "
                              f"and {tuple(labels.shape)}")
         self.images, self.labels = images, labels.long()
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean, self.std = channel_vector(mean), channel_vector(std)
         self.augment, self.pad, self.flip = augment, int(pad), flip
 
     def __len__(self) -> int:
@@ -163,9 +167,8 @@ class TensorImageDataset(Dataset):
         x = self.images[idx].float()
         if aug is not None:
             x = self._crop_flip(x, aug.offsets.to(x.device)[idx], aug.flips.to(x.device)[idx])
-        if self.images.dtype == torch.uint8:
-            x = x / 255.0
-        return (x - self.mean) / self.std, self.labels[idx]
+        scale = 255.0 if self.images.dtype == torch.uint8 else 1.0
+        return normalize_pixels(x, self.mean, self.std, scale), self.labels[idx]
 
     def _crop_flip(self, x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Zero-pad, cut one window per image (gather), flip where drawn."""
@@ -241,12 +244,28 @@ def _read_cifar_batch(file: str, num_classes: int = 10) -> Tuple[torch.Tensor, t
     data, labels = entry.get("data"), entry.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise _fail(file, "CIFAR-10 batch 'data' is not a uint8 array of shape (N, 3072)", CIFAR10_LAYOUT)
-    if labels is None or len(labels) != data.shape[0]:
-        raise _fail(file, "CIFAR-10 batch 'labels' missing or not one per image", CIFAR10_LAYOUT)
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    y = _cifar_labels(labels, data.shape[0], num_classes, file)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), y
+
+
+def _cifar_labels(labels, n: int, num_classes: int, file: str) -> torch.Tensor:
+    """A batch's ``labels``: a list (or 1-D integer array) of ``n`` integers in ``0..num_classes-1``."""
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        raise _fail(file, f"CIFAR-10 batch 'labels' must be a list of integers; got {type(labels).__name__}",
+                    CIFAR10_LAYOUT)
+    try:
+        arr = np.asarray(labels)
+    except (ValueError, TypeError) as e:  # ragged or otherwise unconvertible lists
+        raise _fail(file, f"CIFAR-10 batch 'labels' is not a list of integers ({e})", CIFAR10_LAYOUT) from None
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise _fail(file, f"CIFAR-10 batch 'labels' must hold one label per image ({n}); got shape {arr.shape}",
+                    CIFAR10_LAYOUT)
+    if n and arr.dtype.kind not in "iu":  # floats would truncate, strings and bools mean a foreign file
+        raise _fail(file, f"CIFAR-10 batch 'labels' must be integers; got {arr.dtype} values", CIFAR10_LAYOUT)
+    y = torch.as_tensor(arr.astype(np.int64))
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise _fail(file, f"CIFAR-10 labels outside 0..{num_classes - 1}", CIFAR10_LAYOUT)
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), y
+    return y
 
 
 def load_cifar10(path: str, augment: bool = True) -> Tuple[TensorImageDataset, TensorImageDataset]:
@@ -267,25 +286,52 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or not) into a numpy array, validating its header."""
+    """Read an IDX file (gzip-compressed or not) into a numpy array, validating its header.
+
+    Every dimension must be >= 1 and the data exactly as long as the header
+    implies; a gzip stream is read only as far as the header says, so a small
+    file cannot stand for more data than it declares.
+    """
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+            opener = gzip.GzipFile(fileobj=f) if f.read(2) == b"\x1f\x8b" else f
+            f.seek(0)
+            return _read_idx_stream(opener, path)
+    except (OSError, EOFError, zlib.error) as e:
         raise _fail(path, f"cannot read IDX file ({type(e).__name__}: {e})", FMNIST_LAYOUT) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+
+
+def _read_idx_stream(stream, path: str) -> np.ndarray:
+    """The array in an open IDX stream: magic, dimensions, then exactly the data they imply."""
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES or magic[3] == 0:
         raise _fail(path, "not an IDX file (bad magic number)", FMNIST_LAYOUT)
-    ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    ndim, dtype = magic[3], np.dtype(_IDX_DTYPES[magic[2]])
+    head = stream.read(4 * ndim)
+    if len(head) < 4 * ndim:
         raise _fail(path, "IDX header truncated", FMNIST_LAYOUT)
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise _fail(path, f"IDX file has {len(raw)} bytes, header {dims} implies {expected}", FMNIST_LAYOUT)
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    dims = struct.unpack(f">{ndim}I", head)
+    if min(dims) < 1:
+        raise _fail(path, f"IDX header declares dimensions {dims}; every dimension must be >= 1", FMNIST_LAYOUT)
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow however large the header claims
+    data = _read_up_to(stream, expected + 1)  # one byte more reveals trailing data
+    if len(data) != expected:
+        got = "more" if len(data) > expected else f"{len(data)}"
+        raise _fail(path, f"IDX header {dims} implies {expected} bytes of {dtype} data; the file holds {got}",
+                    FMNIST_LAYOUT)
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
+
+
+def _read_up_to(stream, limit: int, chunk: int = 1 << 24) -> bytes:
+    """At most ``limit`` bytes, read in chunks so memory follows the data present, not a claimed size."""
+    parts, got = [], 0
+    while got < limit:
+        part = stream.read(min(chunk, limit - got))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def _idx_file(root: str, stem: str) -> str:
@@ -297,16 +343,16 @@ def _idx_file(root: str, stem: str) -> str:
 
 
 def _fmnist_split(root: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One split as uint8 (N, 1, 32, 32) images (28x28 zero-padded by 2) and int64 labels."""
+    """One split as uint8 (N, 1, 32, 32) images (28x28 zero-padded by ``FMNIST_PAD``) and int64 labels."""
     xf, yf = _idx_file(root, f"{split}-images-idx3-ubyte"), _idx_file(root, f"{split}-labels-idx1-ubyte")
     x, y = read_idx(xf), read_idx(yf)
     if x.ndim != 3 or x.dtype != np.uint8:
         raise _fail(xf, f"expected uint8 images of shape (N, H, W); got {x.dtype} {x.shape}", FMNIST_LAYOUT)
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise _fail(yf, f"expected {x.shape[0]} labels; got shape {y.shape}", FMNIST_LAYOUT)
+    if y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype != np.uint8:
+        raise _fail(yf, f"expected {x.shape[0]} labels (uint8, one per image); got {y.dtype} of shape {y.shape}", FMNIST_LAYOUT)
     if y.size and (int(y.min()) < 0 or int(y.max()) > 9):
         raise _fail(yf, "labels outside 0..9", FMNIST_LAYOUT)
-    images = F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # 28 -> 32: CIFAR archs, FLOPs
+    images = F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (FMNIST_PAD,) * 4)  # 28 -> 32: CIFAR archs, FLOPs
     return images, torch.from_numpy(y.astype(np.int64))
 
 

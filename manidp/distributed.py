@@ -4,7 +4,7 @@ Launch with ``torchrun --nproc_per_node N -m manidp.train ...`` (or ``manidp-tra
 --ngpu N``, which spawns the N processes itself).  Every collective here is a
 no-op in a single process, so the trainer calls them unconditionally.
 
-What must agree across ranks (DESIGN 1.4): gate ``mask_sum`` is summed over
+What must agree across ranks (docs/DESIGN.md 1.4): gate ``mask_sum`` is summed over
 ranks before thresholds are calibrated, per-instance losses are summed (with
 their count) before ``L_prev`` is formed, and evaluation counts are summed.
 """

@@ -1,10 +1,12 @@
-"""Multiply-accumulate (MAC) accounting, DESIGN 1.5.
+"""Multiply-accumulate (MAC) accounting, docs/DESIGN.md 1.5.
 
 A conv costs ``Cin_active * Cout_active * k*k * Hout * Wout``; a gate costs its
 pooling (one add per input element it reads) and its two fc layers.  BN, ReLU,
 max-pooling and residual adds are not counted.  The deployment engine reports
-per-instance MACs with the same functions (:func:`block_macs`), so training-side
-and deployed numbers agree exactly.
+per-instance MACs with the same functions (:func:`block_macs_from_dims`,
+:func:`stem_macs_from_dims`), so training-side and deployed numbers agree
+exactly; the static-pruning baseline counts with them too.  Every conv output
+size in the package comes from :func:`conv_out_size`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import NamedTuple, Tuple, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["MacCount", "conv_out_size", "block_macs_from_dims", "block_macs", "stem_macs", "head_macs",
-           "dense_macs", "count_macs", "macs_from_records", "flops_reduction"]
+__all__ = ["MacCount", "conv_out_size", "block_macs_from_dims", "block_macs", "stem_macs_from_dims", "stem_macs",
+           "head_macs", "dense_macs", "count_macs", "macs_from_records", "flops_reduction"]
 
 Number = Union[int, torch.Tensor]
 
@@ -37,7 +39,21 @@ def flops_reduction(per_instance: torch.Tensor, dense: int) -> float:
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a conv (or pooling) along one spatial dimension."""
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def stem_macs_from_dims(in_channels: int, out_channels: int, kernel: int, stride: int, padding: int,
+                        maxpool: bool, h: int, w: int) -> Tuple[int, int, int]:
+    """MACs of a dense stem conv on an ``h x w`` input and the feature-map size after it.
+
+    ``maxpool`` adds the ImageNet stem's 3x3/2 max-pool (not counted, but it halves the map).
+    """
+    ho, wo = conv_out_size(h, kernel, stride, padding), conv_out_size(w, kernel, stride, padding)
+    macs = in_channels * out_channels * kernel * kernel * ho * wo
+    if maxpool:
+        ho, wo = conv_out_size(ho, 3, 2, 1), conv_out_size(wo, 3, 2, 1)
+    return macs, ho, wo
 
 
 def block_macs_from_dims(cin: int, planes: int, stride: int, has_shortcut: bool, h: int, w: int,
@@ -73,14 +89,10 @@ def block_macs(block: nn.Module, h: int, w: int, active1: Number = None, active2
 
 
 def stem_macs(model: nn.Module, h: int, w: int) -> Tuple[int, int, int]:
-    """MACs of the dense stem and the feature-map size it produces."""
+    """MACs of the dense stem of a :mod:`manidp.models` ResNet and the feature-map size it produces."""
     conv = model.conv1
-    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    ho, wo = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
-    macs = conv.in_channels * conv.out_channels * k * k * ho * wo
-    if getattr(model, "kind", "cifar") == "imagenet":
-        ho, wo = conv_out_size(ho, 3, 2, 1), conv_out_size(wo, 3, 2, 1)
-    return macs, ho, wo
+    return stem_macs_from_dims(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                               conv.padding[0], getattr(model, "kind", "cifar") == "imagenet", h, w)
 
 
 def head_macs(model: nn.Module) -> int:

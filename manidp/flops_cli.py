@@ -4,7 +4,7 @@
 
 Reads ``manidp-train`` checkpoints (architecture and dataset are recorded in
 them) or raw state dicts (then ``--arch`` and ``--dataset`` are required).
-MACs are counted per instance with the gates' actual active sets (DESIGN 1.5),
+MACs are counted per instance with the gates' actual active sets (docs/DESIGN.md 1.5),
 gates included; "FLOPs reduction" is ``1 - mean_i(dynamic_i) / dense``.
 """
 
@@ -17,16 +17,17 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, extract_state_dict, rebuild_model
 from .data import DATASETS, DatasetError, build_dataset, eval_batches
-from .models import build_model, load_dense_state_dict
-from .train import CHECKPOINT_FORMAT, UsageError, evaluate, extract_state_dict
+from .deploy.engine import FORMAT_NAME
+from .train import OneLineArgumentParser, UsageError, check_device, evaluate, read_checkpoint_arg
 
-__all__ = ["main", "report", "load_model", "build_parser"]
+__all__ = ["main", "report", "load_model", "build_parser", "check_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``manidp-flops`` argument parser."""
-    p = argparse.ArgumentParser(prog="manidp-flops", description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(prog="manidp-flops", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--checkpoint", required=True, help="manidp-train checkpoint or a raw state dict")
     a("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's dataset")
@@ -37,42 +38,53 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test_subset", type=int, default=None, help="evaluate a fixed subset of M images")
     a("--image_size", type=int, default=None)
     a("--batch_size", type=int, default=256)
-    a("--device", default="cpu")
+    a("--device", default="cpu", help="cpu, cuda or cuda:N")
     a("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
-def _read(path: str):
-    """``torch.load`` a checkpoint safely, with a clear error."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:  # truncated, foreign or unsafe file
-        raise UsageError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
+def check_args(opts) -> torch.device:
+    """Every option in range and the device present, before any file is read; returns the device."""
+    for flag, value in (("--batch_size", opts.batch_size), ("--test_subset", opts.test_subset),
+                        ("--image_size", opts.image_size), ("--squeeze_rate", opts.squeeze_rate)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{flag} must be an integer >= 1; got {value!r}")
+    return check_device(str(opts.device))
+
+
+def _read(path: str) -> dict:
+    """The checkpoint dictionary in ``path``; UsageError for a missing, unreadable or engine file."""
+    obj = read_checkpoint_arg(path, "--checkpoint")
+    if obj.get("format") == FORMAT_NAME:
+        raise UsageError(f"--checkpoint: {path!r} is a compiled DynamicResNet engine file; manidp-flops reads "
+                         "manidp-train checkpoints (an engine reports its own MACs: engine(x, return_stats=True))")
+    return obj
+
+
+def _ours(obj: dict) -> bool:
+    """Whether ``obj`` is a ``manidp-train`` checkpoint (it records architecture and dataset)."""
+    return obj.get("format") == CHECKPOINT_FORMAT
 
 
 def load_model(path: str, arch: Optional[str] = None, num_classes: Optional[int] = None,
                in_channels: Optional[int] = None, squeeze_rate: int = 2):
     """The model in ``path`` and its checkpoint dict (``{}`` for a raw state dict)."""
-    obj = _read(path)
-    ours = isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
-    if ours:
-        info, args = obj["dataset"], obj["args"]
-        kw = {} if obj["dense"] else dict(squeeze_rate=args["squeeze_rate"], clamp_max=args["clamp_max"],
-                                          thre_init=args["thre_init"])
-        net = build_model(obj["arch"], num_classes=info["num_classes"], in_channels=info["in_channels"], **kw)
-        net.load_state_dict(obj["state_dict"])
-        return net, obj
-    if not arch:
+    return _model_of(_read(path), path, arch, num_classes, in_channels, squeeze_rate)
+
+
+def _model_of(obj: dict, path: str, arch: Optional[str], num_classes: Optional[int],
+              in_channels: Optional[int], squeeze_rate: int):
+    """:func:`load_model` on an already read checkpoint dictionary."""
+    if not _ours(obj) and not arch:
         raise UsageError(f"{path!r} is a raw state dict: give --arch (and --dataset)")
-    kw = dict(squeeze_rate=squeeze_rate) if arch.startswith("dy") else {}
     try:
-        net = build_model(arch, num_classes=num_classes or 10, in_channels=in_channels or 3, **kw)
-        load_dense_state_dict(net, extract_state_dict(obj, path))
-    except ValueError as e:
-        raise UsageError(f"{path!r} does not fit {arch}: {e}") from None
-    return net, {}
+        if _ours(obj):
+            return rebuild_model(obj, path), obj
+        ckpt = {"arch": arch, "state_dict": extract_state_dict(obj, path), "num_classes": num_classes or 10,
+                "in_channels": in_channels or 3, "args": {"squeeze_rate": squeeze_rate}}
+        return rebuild_model(ckpt, path), {}
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
 
 
 def _dataset_for(opts, ckpt: dict):
@@ -101,15 +113,14 @@ def report(checkpoint: str, dataset: Optional[str] = None, data_path: Optional[s
 
 def _report(opts) -> dict:
     """:func:`report` on a parsed namespace."""
+    device = check_args(opts)
     obj = _read(opts.checkpoint)
-    ckpt = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else {}
-    data = _dataset_for(opts, ckpt)
-    net, ckpt = load_model(opts.checkpoint, opts.arch, data.info.num_classes, data.info.in_channels,
-                           opts.squeeze_rate)
+    data = _dataset_for(opts, obj if _ours(obj) else {})
+    net, ckpt = _model_of(obj, opts.checkpoint, opts.arch, data.info.num_classes, data.info.in_channels,
+                          opts.squeeze_rate)
     if net.fc.out_features != data.info.num_classes or net.conv1.in_channels != data.info.in_channels:
         raise UsageError(f"the model ({net.conv1.in_channels} input channels, {net.fc.out_features} classes) "
                          f"does not fit {data.info.name} ({data.info.in_channels}, {data.info.num_classes})")
-    device = torch.device(opts.device)
     net.to(device)
     ds = data.test if opts.split == "test" else data.train_eval
     m = evaluate(net, eval_batches(ds, opts.batch_size), device=device)
@@ -133,7 +144,7 @@ def _text(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """``manidp-flops`` entry point: exit 0, or 2 with a message on bad input."""
+    """``manidp-flops`` entry point: exit 0, or 2 with a one-line message on bad input."""
     opts = build_parser().parse_args(argv)
     try:
         r = _report(opts)

@@ -1,4 +1,4 @@
-"""ManiDP training losses, exactly as DESIGN 1.3.
+"""ManiDP training losses, exactly as docs/DESIGN.md 1.3.
 
     t      = thre_cls * L_prev
     w_i    = [ce_i < t] * clamp((t - ce_i) / t, min=1e-10) ** gamma

@@ -1,6 +1,6 @@
 """Gated (ManiDP) and dense ResNets.
 
-The gated models follow DESIGN 1.1-1.2: every basic block has two gates, one
+The gated models follow docs/DESIGN.md 1.1-1.2: every basic block has two gates, one
 for the output channels of each 3x3 conv.  Dense and gated models share
 parameter names (torchvision's: ``conv1``, ``bn1``, ``layerK.i.conv1`` ...,
 ``downsample.0/1``, ``fc``), so a dense checkpoint loads into a gated model
@@ -13,7 +13,6 @@ with only the gate parameters left fresh, and a torchvision ``resnet18`` /
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -39,7 +38,7 @@ class GateRecord(NamedTuple):
 
 
 def squeeze_ratio(channels: int, squeeze_rate: int) -> int:
-    """Reduction ``r`` of a gate's hidden layer (DESIGN 1.1)."""
+    """Reduction ``r`` of a gate's hidden layer (docs/DESIGN.md 1.1)."""
     r = squeeze_rate // 2 if channels < 80 else squeeze_rate
     return max(int(r), 1)
 
@@ -92,7 +91,7 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block, gated (DESIGN 1.2) or dense.
+    """ResNet basic block, gated (docs/DESIGN.md 1.2) or dense.
 
     ``shortcut_bn`` selects the ImageNet shortcut (1x1 conv + BN, as torchvision)
     against the CIFAR one (strided 1x1 conv, no BN, as the original code).
@@ -307,14 +306,7 @@ def load_dense_state_dict(model: nn.Module, state_dict: dict, strict_classifier:
 
 def load_torchvision_state_dict(model: nn.Module, path: str) -> List[str]:
     """Load a torchvision ResNet state dict from the local file ``path`` (never downloads)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no torchvision state dict at {path!r} (expected a local .pth file)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    return load_dense_state_dict(model, sd, strict_classifier=False)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    from .checkpoint import extract_state_dict, read_checkpoint  # checkpoint builds models: import it late
+    state = extract_state_dict(read_checkpoint(path, "torchvision state dict"), path)
+    return load_dense_state_dict(model, state, strict_classifier=False)
 

@@ -1,22 +1,29 @@
-"""Static channel pruning: the network a channel-pruning method would deploy (DESIGN 3.4).
+"""Static channel pruning: the narrow network a channel-pruning method would deploy (docs/DESIGN.md 3.4).
 
 A :class:`StaticPrunedResNet` has the layout of the (gated or dense) ResNet it is
-cut from, but every basic block computes a fixed subset of channels for every
-input: ``k1`` output channels of ``conv1`` and ``k2`` output channels of
-``conv2``, and scatters conv2's ``k2`` channels into the full-width residual
-stream.  Stem, shortcuts and classifier stay dense; gates are dropped::
+cut from, but every basic block is narrower inside: conv1 computes ``width`` of
+its ``planes`` output channels, and conv2 reads only those ``width`` channels and
+writes every one of its ``planes`` outputs, so the residual stream keeps its
+width and the block needs no scatter.  Stem, shortcuts and classifier stay
+dense; gates are dropped::
 
-    a   = relu(bn1(conv1(x)))                      # conv1: Cin -> k1
-    b   = bn2(conv2(a))                            # conv2: k1  -> k2
-    out = relu(shortcut(x).index_add(1, out_index, b))
+    a   = relu(bn1(conv1(x)))                      # conv1: Cin   -> width
+    out = relu(shortcut(x) + bn2(conv2(a)))        # conv2: width -> planes
 
-Channels are chosen by the L1 norm of their filters (Li et al., "Pruning Filters
-for Efficient ConvNets"), the same ratio for every block: conv1's rows by the L1
-norm of the whole filter, conv2's rows by the L1 norm of the filter restricted to
-the kept conv1 channels.  Norms are taken on the weights as stored in the source
-(raw conv weights for a :mod:`manidp.models` network, so the choice does not
-depend on ``fold_bn``; folded weights for a :class:`~manidp.deploy.DynamicResNet`,
-the only ones it holds).
+This is a plain ResNet with thinner blocks, the network every runtime (PyTorch,
+ONNX Runtime, OpenVINO) runs at full speed.  The channels kept are the conv1
+filters of largest L1 norm (Li et al., "Pruning Filters for Efficient
+ConvNets"), with the same keep ratio for every block; conv2 keeps the matching
+input columns.  Norms are taken on the weights as stored in the source (raw conv
+weights for a :mod:`manidp.models` network, so the choice does not depend on
+``fold_bn``; folded weights for a :class:`~manidp.deploy.DynamicResNet`, the only
+ones it holds).  BN is folded by the engine's own fold
+(:func:`manidp.deploy.folding.fold_conv_bn`) and MACs are counted by
+:func:`manidp.flops.block_macs_from_dims` with ``active1 = width`` and
+``active2 = planes``.
+
+Before fine-tuning, the narrow network computes exactly what the full network
+computes with the dropped conv1 channels set to zero.
 
 The result is an ordinary trainable ``nn.Module`` with the models' call signature
 (``model(x) -> logits``), meant both for benchmarking (``manidp-bench``) and for
@@ -27,7 +34,7 @@ fine-tuning a static-pruned baseline:
     >>> net = static_pruned_like(model, keep)            # BN kept: fine-tune it
     >>> fast = static_pruned_like(model, keep, fold_bn=True)   # conv + bias, inference
 
-``keep`` may also be a list of per-block ``(k1, k2)`` widths (``widths=``).
+``keep`` may also be a list of per-block widths (``widths=``).
 """
 
 from __future__ import annotations
@@ -38,13 +45,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .flops import block_macs_from_dims, conv_out_size
+from .deploy.folding import fold_conv_bn
+from .flops import block_macs_from_dims, stem_macs_from_dims
 
 __all__ = ["StaticBlock", "StaticPrunedResNet", "static_pruned_like", "keep_for_target_macs",
-           "static_macs", "widths_for_keep", "l1_top_channels"]
+           "static_macs", "l1_top_channels"]
 
-Widths = List[Tuple[int, int]]
-KeepSpec = Union[float, Sequence[Tuple[int, int]]]
+Widths = List[int]
+KeepSpec = Union[float, Sequence[int]]
 
 
 # ----------------------------------------------------------------------------- source access
@@ -125,18 +133,6 @@ def _source(model) -> _Source:
                    kind == "imagenet", blocks, model.fc.weight.detach(), model.fc.bias.detach(), has_bn, size)
 
 
-@torch.no_grad()
-def _folded(c: _Conv) -> Tuple[torch.Tensor, torch.Tensor]:
-    """fp32 weight and bias of ``bn(conv(x))`` as one conv."""
-    w = c.weight.detach().float()
-    b = c.bias.detach().float() if c.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    if c.bn is None:
-        return w, b
-    bn = c.bn
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    return w * scale[:, None, None, None], (b - bn.running_mean.float()) * scale + bn.bias.detach().float()
-
-
 # ----------------------------------------------------------------------------- channel choice
 def l1_top_channels(weight: torch.Tensor, k: int, in_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices (ascending, int64) of the ``k`` output channels of ``weight`` with the largest L1 norm.
@@ -159,29 +155,30 @@ def _round_width(keep: float, channels: int) -> int:
     return int(min(max(int(round(keep * channels)), 1), channels))
 
 
-def widths_for_keep(model, keep: float) -> Widths:
-    """Per-block ``(k1, k2)`` for a uniform keep ratio: ``max(1, round(keep * planes))`` each."""
-    if not 0.0 < float(keep) <= 1.0:
-        raise ValueError(f"keep ratio must be in (0, 1]; got {keep}")
-    return [(_round_width(keep, b.planes), _round_width(keep, b.planes)) for b in _source(model).blocks]
+def _checked_widths(src: _Source, widths: Sequence) -> Widths:
+    """Per-block widths as ints in ``[1, planes]``; ValueError otherwise."""
+    if len(widths) != len(src.blocks):
+        raise ValueError(f"widths must hold one width per block ({len(src.blocks)} blocks); got {len(widths)}")
+    out = []
+    for w, b in zip(widths, src.blocks):
+        if isinstance(w, (tuple, list)) or isinstance(w, bool) or int(w) != w:
+            raise ValueError(f"a block width is one integer (conv1's kept outputs); got {w!r}")
+        if not 1 <= int(w) <= b.planes:
+            raise ValueError(f"block width {w} out of range [1, {b.planes}]")
+        out.append(int(w))
+    return out
 
 
 def _resolve_widths(src: _Source, keep: Optional[KeepSpec], widths: Optional[Sequence]) -> Widths:
     if widths is None and keep is not None and not isinstance(keep, (int, float)):
         widths, keep = keep, None
     if widths is not None:
-        widths = [tuple(int(v) for v in w) for w in widths]
-        if len(widths) != len(src.blocks) or any(len(w) != 2 for w in widths):
-            raise ValueError(f"widths must hold one (k1, k2) pair per block ({len(src.blocks)} blocks)")
-        for (k1, k2), b in zip(widths, src.blocks):
-            if not (1 <= k1 <= b.planes and 1 <= k2 <= b.planes):
-                raise ValueError(f"block widths {(k1, k2)} out of range [1, {b.planes}]")
-        return widths
+        return _checked_widths(src, widths)
     if keep is None:
         raise ValueError("give a keep ratio or per-block widths")
     if not 0.0 < float(keep) <= 1.0:
         raise ValueError(f"keep ratio must be in (0, 1]; got {keep}")
-    return [(_round_width(keep, b.planes), _round_width(keep, b.planes)) for b in src.blocks]
+    return [_round_width(keep, b.planes) for b in src.blocks]
 
 
 # ----------------------------------------------------------------------------- the network
@@ -201,7 +198,7 @@ def _make_conv(src: _Conv, out_index: Optional[torch.Tensor], in_index: Optional
                padding: int, fold: bool) -> Tuple[nn.Conv2d, nn.Module]:
     """A conv (and its BN, or Identity) holding the selected rows/columns of ``src``."""
     if fold:
-        w, b = _folded(src)
+        w, b = fold_conv_bn(src.weight, src.bias, src.bn)
     else:
         w = src.weight.detach().float()
         b = src.bias.detach().float() if src.bias is not None else None
@@ -223,43 +220,38 @@ def _make_conv(src: _Conv, out_index: Optional[torch.Tensor], in_index: Optional
 
 
 class StaticBlock(nn.Module):
-    """A basic block computing ``k1`` conv1 and ``k2`` conv2 channels, scattered into the residual."""
+    """A basic block ``width`` channels wide inside: conv1 ``Cin -> width``, conv2 ``width -> planes``."""
 
-    def __init__(self, spec: _BlockSpec, idx1: torch.Tensor, idx2: torch.Tensor, fold: bool):
+    def __init__(self, spec: _BlockSpec, kept: torch.Tensor, fold: bool):
         super().__init__()
         self.in_channels, self.planes, self.stride = spec.in_channels, spec.planes, spec.stride
-        self.k1, self.k2 = int(idx1.numel()), int(idx2.numel())
-        self.conv1, self.bn1 = _make_conv(spec.conv1, idx1, None, spec.stride, 1, fold)
-        self.conv2, self.bn2 = _make_conv(spec.conv2, idx2, idx1, 1, 1, fold)
+        self.width = int(kept.numel())
+        self.conv1, self.bn1 = _make_conv(spec.conv1, kept, None, spec.stride, 1, fold)
+        self.conv2, self.bn2 = _make_conv(spec.conv2, None, kept, 1, 1, fold)
         self.downsample: Optional[nn.Sequential] = None
         if spec.shortcut is not None:
             conv, bn = _make_conv(spec.shortcut, None, None, spec.stride, 0, fold)
             self.downsample = nn.Sequential(conv) if isinstance(bn, nn.Identity) else nn.Sequential(conv, bn)
-        self.register_buffer("in_index", idx1.clone())   # conv1 channels kept (of planes)
-        self.register_buffer("out_index", idx2.clone())  # residual channels conv2 writes
-        self.full = self.k2 == self.planes  # out_index is then 0..planes-1: a plain add
+        self.register_buffer("kept_index", kept.clone())  # conv1 outputs kept (of planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         a = F.relu(self.bn1(self.conv1(x)))
-        b = self.bn2(self.conv2(a))
-        if self.full:
-            return F.relu(identity + b)
-        return F.relu(identity.index_add(1, self.out_index, b))
+        return F.relu(identity + self.bn2(self.conv2(a)))
 
     def macs(self, h: int, w: int) -> Tuple[int, int, int]:
         m, ho, wo = block_macs_from_dims(self.in_channels, self.planes, self.stride, self.downsample is not None,
-                                         h, w, self.k1, self.k2)
+                                         h, w, self.width, self.planes)
         return int(m), ho, wo
 
     def extra_repr(self) -> str:
-        return f"in={self.in_channels}, planes={self.planes}, k1={self.k1}, k2={self.k2}, stride={self.stride}"
+        return f"in={self.in_channels}, width={self.width}, planes={self.planes}, stride={self.stride}"
 
 
 class StaticPrunedResNet(nn.Module):
     """A statically channel-pruned ResNet; build it with :func:`static_pruned_like`.
 
-    ``model(x)`` returns logits.  Attributes: ``widths`` (per-block ``(k1, k2)``),
+    ``model(x)`` returns logits.  Attributes: ``widths`` (per-block inner width),
     ``folded`` (True: conv + bias, no BN), ``kind``, ``depth``, ``input_size``;
     :meth:`macs` counts MACs as :mod:`manidp.flops` does (no gates).
     """
@@ -270,12 +262,8 @@ class StaticPrunedResNet(nn.Module):
         self.input_size = tuple(src.input_size)
         self.conv1, self.bn1 = _make_conv(src.stem, None, None, src.stem_stride, src.stem_padding, fold)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if src.maxpool else nn.Identity()
-        layers = []
-        for spec, (k1, k2) in zip(src.blocks, widths):
-            idx1 = l1_top_channels(spec.conv1.weight, k1)
-            idx2 = l1_top_channels(spec.conv2.weight, k2, in_index=idx1)
-            layers.append(StaticBlock(spec, idx1, idx2, fold))
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*(StaticBlock(spec, l1_top_channels(spec.conv1.weight, k), fold)
+                                      for spec, k in zip(src.blocks, widths)))
         self.fc = nn.Linear(src.fc_weight.shape[1], src.fc_weight.shape[0])
         with torch.no_grad():
             self.fc.weight.copy_(src.fc_weight.float())
@@ -283,7 +271,7 @@ class StaticPrunedResNet(nn.Module):
 
     @property
     def widths(self) -> Widths:
-        return [(b.k1, b.k2) for b in self.layers]
+        return [b.width for b in self.layers]
 
     def blocks(self):
         """The static blocks in forward order."""
@@ -296,26 +284,23 @@ class StaticPrunedResNet(nn.Module):
 
     def macs(self, input_size: Optional[Tuple[int, int]] = None) -> int:
         """MACs of one ``input_size`` image (default: the source model's input size)."""
-        h, w = input_size or self.input_size
         c = self.conv1
-        k, s, p = c.kernel_size[0], c.stride[0], c.padding[0]
-        h, w = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
-        total = c.in_channels * c.out_channels * k * k * h * w
-        if isinstance(self.maxpool, nn.MaxPool2d):
-            h, w = conv_out_size(h, 3, 2, 1), conv_out_size(w, 3, 2, 1)
+        total, h, w = stem_macs_from_dims(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0],
+                                          c.padding[0], isinstance(self.maxpool, nn.MaxPool2d),
+                                          *(input_size or self.input_size))
         for blk in self.layers:
             m, h, w = blk.macs(h, w)
             total += m
         return int(total + self.fc.in_features * self.fc.out_features)
 
 
-def static_pruned_like(model, keep: Optional[KeepSpec] = None, *, widths: Optional[Sequence] = None,
+def static_pruned_like(model, keep: Optional[KeepSpec] = None, *, widths: Optional[Sequence[int]] = None,
                        fold_bn: Optional[bool] = None) -> StaticPrunedResNet:
     """A :class:`StaticPrunedResNet` cut from ``model`` (gated or dense ResNet, or a DynamicResNet).
 
-    ``keep``: a ratio in (0, 1] applied to every block (``k = max(1, round(keep * planes))``)
-    or a list of per-block ``(k1, k2)`` widths (same as ``widths=``).  ``keep=1.0`` gives the
-    dense network.  ``fold_bn``: ``None`` keeps the source's form (BN layers from a
+    ``keep``: a ratio in (0, 1] applied to every block (``width = max(1, round(keep * planes))``)
+    or a list of per-block widths (same as ``widths=``).  ``keep=1.0`` gives the dense
+    network.  ``fold_bn``: ``None`` keeps the source's form (BN layers from a
     :mod:`manidp.models` network, so the result fine-tunes like the original; conv + bias
     from an engine), ``True`` folds BN into conv + bias.  The result is in fp32, on the CPU,
     in train mode as any fresh module (call ``.eval()`` for inference).
@@ -333,18 +318,16 @@ def static_pruned_like(model, keep: Optional[KeepSpec] = None, *, widths: Option
 
 
 def static_macs(model, keep: Optional[KeepSpec] = None, input_size: Optional[Tuple[int, int]] = None, *,
-                widths: Optional[Sequence] = None) -> int:
+                widths: Optional[Sequence[int]] = None) -> int:
     """MACs of ``static_pruned_like(model, keep)`` on one image, without building it."""
     src = _source(model)
     ws = _resolve_widths(src, keep, widths)
-    h, w = input_size or src.input_size
-    k = src.stem.weight.shape[-1]
-    h, w = conv_out_size(h, k, src.stem_stride, src.stem_padding), conv_out_size(w, k, src.stem_stride, src.stem_padding)
-    total = src.stem.weight[0].numel() * src.stem.weight.shape[0] * h * w
-    if src.maxpool:
-        h, w = conv_out_size(h, 3, 2, 1), conv_out_size(w, 3, 2, 1)
-    for b, (k1, k2) in zip(src.blocks, ws):
-        m, h, w = block_macs_from_dims(b.in_channels, b.planes, b.stride, b.shortcut is not None, h, w, k1, k2)
+    cout, cin, k, _ = src.stem.weight.shape
+    total, h, w = stem_macs_from_dims(cin, cout, k, src.stem_stride, src.stem_padding, src.maxpool,
+                                      *(input_size or src.input_size))
+    for b, width in zip(src.blocks, ws):
+        m, h, w = block_macs_from_dims(b.in_channels, b.planes, b.stride, b.shortcut is not None, h, w,
+                                       width, b.planes)
         total += m
     return int(total + src.fc_weight.numel())
 
@@ -355,7 +338,7 @@ def keep_for_target_macs(model, target: float, input_size: Optional[Tuple[int, i
 
     Bisection over the ratio; widths are integers, so the result is the ratio
     whose MAC fraction is closest to ``target`` among those visited.  ``target`` is
-    clamped to what the network can reach (one channel per conv at least).
+    clamped to what the network can reach (one channel per block at least).
     """
     if not 0.0 < float(target) <= 1.0:
         raise ValueError(f"target MAC fraction must be in (0, 1]; got {target}")

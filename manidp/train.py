@@ -1,17 +1,21 @@
 """ManiDP training: the ``manidp-train`` command and the in-process :func:`train` API.
 
-Implements DESIGN 1.3-1.4: start from a dense network, train the gated one with
-``mean ce + lambda_lasso * L_cplx + lambda_graph * sum L_sim``, SGD Nesterov,
-per-iteration cosine learning rate, and per-epoch threshold calibration
-following the remain-rate schedule.  ``--dense`` trains the dense baseline.
+Implements docs/DESIGN.md 1.3-1.4 (the pipeline: docs/DESIGN.md 9): start from a
+dense network, train the gated one with ``mean ce + lambda_lasso * L_cplx +
+lambda_graph * sum L_sim``, SGD Nesterov, per-iteration cosine learning rate, and
+per-epoch threshold calibration following the remain-rate schedule.  ``--dense``
+trains the dense baseline.
 
 Layout of ``--save_path``:
   checkpoint.pth   full training state after the latest epoch (``--resume`` reads it)
   model_best.pth   the same format, at the epoch with the best test top-1
   last.pth         the final state, written when training ends
   log.jsonl        one JSON object per epoch
-Every checkpoint is written atomically (temp file in the same directory,
-fsync, ``os.replace``), so a kill at any moment leaves the previous one intact.
+Every checkpoint is written atomically, with a sha256 digest, and read safely by
+:mod:`manidp.checkpoint` (docs/DESIGN.md 6.2), so a kill at any moment leaves the
+previous one intact and a corrupted one is refused.  A fresh run never replaces a
+run already in ``--save_path``: continue it with ``--resume`` or replace it with
+``--overwrite``.
 
 Multi-process: see :mod:`manidp.distributed`.  ``--batch_size`` is the global
 batch (split evenly over the processes), as with the original DataParallel code.
@@ -20,7 +24,6 @@ batch (split evenly over the processes), as with the original DataParallel code.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -39,16 +42,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as D
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_save, extract_state_dict, read_checkpoint,
+                         remove_stale_temp_files, with_digest)
 from .data import DataBundle, DatasetError, DATASETS, build_dataset, eval_batches, steps_per_epoch, train_batches
 from .flops import dense_macs, macs_from_records
 from .losses import complexity_loss, complexity_weights, similarity_loss
 from .models import ARCHITECTURES, build_model, load_dense_state_dict
 
-__all__ = ["main", "train", "build_parser", "make_args", "UsageError", "TrainingDiverged",
+__all__ = ["main", "train", "build_parser", "make_args", "UsageError", "TrainingDiverged", "OneLineArgumentParser",
+           "check_device", "check_save_path",
            "remain_rate", "cosine_lr", "calibrate_thresholds", "compute_loss", "evaluate",
-           "load_checkpoint", "atomic_save", "CHECKPOINT_FORMAT"]
+           "load_checkpoint", "read_checkpoint_arg", "atomic_save", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "manidp.train/1"
 CHECKPOINT, BEST, LAST, LOG = "checkpoint.pth", "model_best.pth", "last.pth", "log.jsonl"
 
 # Arguments that define the run: a resumed run must use the same values.
@@ -66,12 +71,19 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row; the last good checkpoint is left in place."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (``prog: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # ============================================================================ arguments
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``manidp-train`` argument parser (the seed's flags, plus operational ones)."""
-    p = argparse.ArgumentParser(prog="manidp-train", description="Train ManiDP dynamic-pruned ResNets "
-                                "(or, with --dense, the dense baseline).")
+    p = OneLineArgumentParser(prog="manidp-train", description="Train ManiDP dynamic-pruned ResNets "
+                              "(or, with --dense, the dense baseline).")
     a = p.add_argument
     a("--arch", default="dyresnet56", help=f"architecture ({', '.join(sorted(ARCHITECTURES))})")
     a("--dataset", default="cifar10", choices=DATASETS)
@@ -101,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dense", action="store_true", help="train the dense baseline (no gates, no gate losses)")
     a("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
       help="continue from CKPT, or from SAVE_PATH/checkpoint.pth when no path is given")
+    a("--overwrite", action="store_true", help="start a fresh run even if --save_path holds one, replacing it")
     a("--deterministic", action="store_true", help="deterministic algorithms; bit-exact resume")
     a("--train_subset", type=int, default=None, help="use a fixed subset of N training images")
     a("--test_subset", type=int, default=None, help="use a fixed subset of M test images")
@@ -108,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--freeze_bn", action="store_true", help="keep BatchNorm statistics fixed while training")
     a("--clip_grad", type=float, default=5.0, help="clip the global gradient norm to this value (0: off)")
     a("--gate_init", default="identity", choices=("identity", "kaiming"),
-      help="fresh gates: DESIGN 1.1's Kaiming init, or fc2 weights zeroed so every gate starts at 1 "
+      help="fresh gates: docs/DESIGN.md 1.1's Kaiming init, or fc2 weights zeroed so every gate starts at 1 "
            "and the gated net starts equal to the dense one")
     a("--max_nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--quiet", action="store_true", help="no progress bars or per-epoch lines")
@@ -129,21 +142,28 @@ def make_args(args=None, **kwargs) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject values that cannot work, with a message naming the flag."""
+    """Reject values that cannot work, with a message naming the flag and its allowed range."""
+    finite = math.isfinite
     checks = [
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.batch_size >= 1, "--batch_size must be >= 1"),
-        (args.lr >= 0, "--lr must be >= 0"),
+        (finite(args.lr) and args.lr >= 0, "--lr must be a finite number >= 0"),
         (0.0 < args.target_remain_rate <= 1.0, "--target_remain_rate must be in (0, 1]"),
         (args.thre_freq >= 1, "--thre_freq must be >= 1"),
         (args.ngpu >= 0, "--ngpu must be >= 0"),
         (args.workers >= 0, "--workers must be >= 0"),
         (args.squeeze_rate >= 1, "--squeeze_rate must be >= 1"),
-        (args.thre_cls > 0, "--thre_cls must be > 0"),
+        (finite(args.thre_cls) and args.thre_cls > 0, "--thre_cls must be a finite number > 0"),
         (args.max_nonfinite >= 1, "--max_nonfinite must be >= 1"),
         (args.train_subset is None or args.train_subset >= 1, "--train_subset must be >= 1"),
         (args.test_subset is None or args.test_subset >= 1, "--test_subset must be >= 1"),
+        (args.image_size is None or args.image_size >= 1, "--image_size must be >= 1"),
+        (finite(args.clamp_max) and args.clamp_max > 0, "--clamp_max must be a finite number > 0"),
+        (not math.isnan(args.thre_init), "--thre_init must be a number (not NaN)"),
+        (finite(args.clip_grad) and args.clip_grad >= 0, "--clip_grad must be a finite number >= 0"),
     ]
+    checks += [(finite(getattr(args, k)) and getattr(args, k) >= 0, f"--{k} must be a finite number >= 0")
+               for k in ("decay", "decay_branch", "lambda_lasso", "lambda_graph", "gamma")]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
@@ -166,18 +186,83 @@ def model_arch(args) -> str:
     return name
 
 
+# ============================================================================ the output directory
+
+RUN_FILES = (CHECKPOINT, LAST, BEST)
+
+
+def existing_run(path: str) -> List[str]:
+    """The files of a training run in directory ``path``: checkpoints, and ``log.jsonl`` if not empty."""
+    found = [n for n in RUN_FILES if os.path.isfile(os.path.join(path, n))]
+    log = os.path.join(path, LOG)
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        found.append(LOG)
+    return found
+
+
+def check_save_path(args) -> None:
+    """Before any work: ``--save_path`` can be written, and a fresh run would not replace another run.
+
+    A run counts as fresh without ``--resume``, or with a bare ``--resume`` and no
+    checkpoint to continue from.  ``--overwrite`` lets a fresh run replace one.
+    """
+    path = args.save_path
+    _check_writable_dir(path)
+    if not os.path.isdir(path) or args.overwrite:
+        return
+    resumes = args.resume and not (_auto_resume(args) and not os.path.isfile(os.path.join(path, CHECKPOINT)))
+    found = existing_run(path)
+    if found and not resumes:
+        raise UsageError(f"--save_path {path!r} already holds a training run ({', '.join(found)}); continue it "
+                         "with --resume, or pass --overwrite to replace it")
+
+
+def _check_writable_dir(path: str) -> None:
+    """UsageError unless ``path`` is (or can be created as) a directory this process can write to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"cannot create --save_path {path!r}: it exists and is not a directory")
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor decides whether path can be created
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == os.path.abspath(probe):
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"cannot create --save_path {path!r}: {probe!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        what = "--save_path" if probe == path else f"--save_path {path!r}: the nearest existing directory"
+        raise UsageError(f"{what} {probe!r} is not writable ({e.strerror or e})") from None
+
+
+def _auto_resume(args) -> bool:
+    """Whether ``--resume`` was given without a path (continue from ``SAVE_PATH/checkpoint.pth``)."""
+    return args.resume is True or args.resume == "auto"  # the Python API may pass resume=True
+
+
 # ============================================================================ devices, seeds
+
+def check_device(spec: str, flag: str = "--device") -> torch.device:
+    """``spec`` as a device this machine has: ``cpu``, ``cuda`` or ``cuda:N``; UsageError otherwise."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{flag} {spec!r} is not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {spec!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {spec} but CUDA is not available here; use {flag} cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {spec} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
 
 def resolve_device(args) -> torch.device:
     """The device to train on, from ``--device`` or ``--ngpu`` (0 = CPU)."""
     if args.device:
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError as e:
-            raise UsageError(f"bad --device {args.device!r}: {e}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
-        return dev
+        return check_device(args.device)
     if args.ngpu == 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -266,16 +351,12 @@ def find_pretrained(path: str, arch: str) -> str:
                      f"looked for {', '.join(names)}")
 
 
-def extract_state_dict(obj, path: str) -> dict:
-    """The model weights inside a checkpoint (ours, ``{'state_dict': ...}``, or a raw state dict)."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UsageError(f"{path!r} holds no model state dict")
-    return obj
+def read_checkpoint_arg(path: str, flag: str) -> dict:
+    """:func:`manidp.checkpoint.read_checkpoint` of a file named by ``flag``; its errors as UsageError."""
+    try:
+        return read_checkpoint(path)
+    except (OSError, CheckpointError) as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def load_pretrained(model: nn.Module, path: str, arch: str):
@@ -285,11 +366,11 @@ def load_pretrained(model: nn.Module, path: str, arch: str):
     """
     file = find_pretrained(path, arch)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable / not a torch file / unsafe pickle
-        raise UsageError(f"cannot load --pretrain_path {file!r}: {type(e).__name__}: {e}") from None
+        state = extract_state_dict(read_checkpoint_arg(file, "--pretrain_path"), file)
+    except CheckpointError as e:
+        raise UsageError(f"--pretrain_path: {e}") from None
     try:
-        fresh = load_dense_state_dict(model, extract_state_dict(obj, file), strict_classifier=False)
+        fresh = load_dense_state_dict(model, state, strict_classifier=False)
     except ValueError as e:
         raise UsageError(f"--pretrain_path {file!r} does not fit {arch}: {e}") from None
     if any(k.startswith("fc.") for k in fresh):
@@ -367,7 +448,7 @@ def reset_gate_statistics(gates: Sequence[nn.Module]) -> None:
 
 def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, l_prev: Optional[float], args,
                  env: Optional[D.DistEnv] = None):
-    """``mean ce + lambda_lasso * L_cplx + lambda_graph * sum L_sim`` (DESIGN 1.3).
+    """``mean ce + lambda_lasso * L_cplx + lambda_graph * sum L_sim`` (docs/DESIGN.md 1.3).
 
     Returns ``(loss, ce, parts)``: the scalar loss, per-instance cross-entropy
     (N,), and a dict of detached components.  Dense models give ``mean ce``.
@@ -401,11 +482,6 @@ def similarity_term(recs, env: D.DistEnv) -> torch.Tensor:
 
 
 # ============================================================================ evaluation
-
-def instance_macs(net: nn.Module, recs, input_size) -> torch.Tensor:
-    """Per-instance MACs (gates included) from one forward's gate records, as ``flops.count_macs``."""
-    return macs_from_records(net, recs, input_size)
-
 
 @torch.no_grad()
 def evaluate(net: nn.Module, batches, env: Optional[D.DistEnv] = None, device=None, amp: bool = False,
@@ -443,7 +519,7 @@ def _batch_metrics(net, logits, y, recs, input_size, count_flops: bool) -> np.nd
         act = sum((r.mask > 0).sum(1).double() for r in recs)
         active = float((act / sum(r.mask.shape[1] for r in recs)).sum())
     if count_flops:
-        macs = float(instance_macs(net, recs, input_size).sum()) if recs is not None else \
+        macs = float(macs_from_records(net, recs, input_size).sum()) if recs is not None else \
             n * float(dense_macs(net, input_size))
     return np.array([n, float(ce), float(hit[:, 0].sum()), float(hit.any(1).sum()), active, macs])
 
@@ -478,54 +554,11 @@ def _progress(it, total, desc: str, disable: bool):
 
 # ============================================================================ checkpoints
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    ``MANIDP_TEST_SLOW_SAVE=<seconds>`` sleeps between the fsync and the rename
-    (tests kill the process there to check the old file survives).
-    """
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        delay = float(os.environ.get("MANIDP_TEST_SLOW_SAVE", "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: str) -> None:
-    """Make the rename durable (directory entry on disk); not possible on every OS."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path: str) -> dict:
-    """Read one of our checkpoints (weights-only unpickling: no code runs)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"checkpoint {path!r} does not exist") from None
-    except Exception as e:  # truncated or foreign file
-        raise UsageError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path!r} is not a manidp-train checkpoint (format {CHECKPOINT_FORMAT})")
+def load_checkpoint(path: str, flag: str = "--resume") -> dict:
+    """Read one of our checkpoints (weights-only unpickling: no code runs); UsageError otherwise."""
+    ckpt = read_checkpoint_arg(path, flag)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{flag}: {path!r} is not a manidp-train checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
 
 
@@ -595,6 +628,7 @@ def train(args=None, **kwargs) -> dict:
     args = make_args(args, **kwargs)
     validate_args(args)
     device = resolve_device(args)
+    check_save_path(args)
     if args.ngpu > 1 and device.type == "cuda" and D.env_world_size() == 1:
         return _launch_processes(args)
     env = D.init_distributed(device)
@@ -643,7 +677,7 @@ def setup(args, env: D.DistEnv) -> Run:
     state = _restore(ckpt, net, optimizer, scaler) if ckpt is not None else State()
     model = _wrap_ddp(net, env)
     steps = steps_per_epoch(data.info.num_train, args.batch_size // env.world_size, env.world_size)
-    _prepare_save_path(args, env, state)
+    _prepare_save_path(args, env, state, fresh=ckpt is None)
     return Run(args, env, data, net, model, optimizer, scaler, state, steps)
 
 
@@ -651,7 +685,7 @@ def _resume_checkpoint(args) -> Optional[dict]:
     """The checkpoint ``--resume`` points at (None for a fresh run)."""
     if not args.resume:
         return None
-    auto = args.resume is True or args.resume == "auto"  # the Python API may pass resume=True
+    auto = _auto_resume(args)
     path = os.path.join(args.save_path, CHECKPOINT) if auto else args.resume
     if auto and not os.path.isfile(path):
         warnings.warn(f"--resume: no checkpoint at {path}; starting a fresh run")
@@ -706,15 +740,23 @@ def _wrap_ddp(net: nn.Module, env: D.DistEnv) -> nn.Module:
         return DDP(net, device_ids=ids, broadcast_buffers=False)
 
 
-def _prepare_save_path(args, env: D.DistEnv, state: State) -> None:
-    """Create ``--save_path``, drop stale temp files, cut the log back to the resumed epoch."""
+def _prepare_save_path(args, env: D.DistEnv, state: State, fresh: bool) -> None:
+    """Create ``--save_path``, drop stale temp files, cut the log back to the resumed epoch.
+
+    A fresh run (allowed over an earlier one only with ``--overwrite``, see
+    :func:`check_save_path`) first removes that run's checkpoints, so the
+    directory never mixes two runs' files.
+    """
     if env.is_main:
         try:
             os.makedirs(args.save_path, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create --save_path {args.save_path!r}: {e}") from None
-        for tmp in glob.glob(os.path.join(args.save_path, "*.pth.*.tmp")):
-            os.unlink(tmp)  # left by a save that was killed before its rename
+        remove_stale_temp_files(args.save_path, "*.pth")
+        if fresh:
+            for name in RUN_FILES:
+                if os.path.isfile(os.path.join(args.save_path, name)):
+                    os.unlink(os.path.join(args.save_path, name))
         _truncate_log(os.path.join(args.save_path, LOG), state.epoch)
     D.barrier(env)
 
@@ -735,7 +777,7 @@ def fit(run: Run) -> dict:
     """Run the remaining epochs; return the result dict."""
     args, st = run.args, run.state
     gated = not args.dense
-    if gated and st.l_prev is None:  # DESIGN 1.3: before epoch 0, one eval pass over the training set
+    if gated and st.l_prev is None:  # docs/DESIGN.md 1.3: before epoch 0, one eval pass over the training set
         st.l_prev = _initial_l_prev(run)
     for epoch in range(st.epoch, args.epochs):
         t0 = time.time()
@@ -892,7 +934,7 @@ def _finish_epoch(run: Run, epoch: int, stats: dict, metrics: dict, seconds: flo
     st, args = run.state, run.args
     n = max(stats["n"], 1.0)
     l_used = st.l_prev
-    st.l_prev = stats["ce"] / n if stats["n"] else st.l_prev  # DESIGN 1.3: next epoch's L_prev
+    st.l_prev = stats["ce"] / n if stats["n"] else st.l_prev  # docs/DESIGN.md 1.3: next epoch's L_prev
     st.epoch, st.metrics = epoch + 1, metrics
     line = _log_line(run, epoch, stats, metrics, l_used, seconds)
     st.history.append(line)
@@ -941,7 +983,7 @@ def _save(run: Run, names: Sequence[str]) -> None:
     """Rank 0 writes ``names`` atomically; every rank waits for it."""
     D.barrier(run.env)
     if run.env.is_main:
-        ckpt = checkpoint_dict(run)
+        ckpt = with_digest(checkpoint_dict(run))
         for name in names:
             atomic_save(ckpt, run.path(name))
     D.barrier(run.env)
@@ -966,8 +1008,8 @@ def _final(run: Run) -> dict:
 # ============================================================================ CLI
 
 def main(argv=None) -> int:
-    """``manidp-train``: exit 0 on success, 2 on bad input, 1 when training diverged."""
-    args = build_parser().parse_args(argv)  # argparse itself exits 2 on malformed flags
+    """``manidp-train``: exit 0 on success, 2 on bad input (one line on stderr), 1 when training diverged."""
+    args = build_parser().parse_args(argv)  # exits 2, one line, on malformed flags
     try:
         result = train(args)
     except (UsageError, DatasetError) as e:

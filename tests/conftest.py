@@ -1,4 +1,4 @@
-"""Shared fixtures of the training-side tests: tiny synthetic runs and subprocess helpers."""
+"""Shared fixtures: calibrated random models, tiny synthetic training runs and subprocess helpers."""
 
 from __future__ import annotations
 
@@ -104,3 +104,38 @@ def cli_flags(kwargs: dict) -> list:
 def state_dicts_equal(a: dict, b: dict) -> bool:
     """Bit-for-bit equality of two state dicts."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def threshold_margin(model, x) -> float:
+    """Smallest distance between a gate value and its gate's threshold on ``x`` (eval mode)."""
+    _, records = model(x, return_gates=True)
+    margins = [(r.g - gate.threshold).abs().min() for gate, r in zip(model.gates(), records)]
+    return float(torch.stack(margins).min())
+
+
+def calibrated(arch, size, keep=0.5, n=4, seed=0, in_channels=3, num_classes=10, margin=1e-4, target_macs=None):
+    """A random-weight gated model (eval mode) with realistic BN statistics and thresholds, and its input.
+
+    Thresholds keep about ``keep`` of each gate's channels (or, with ``target_macs``, reach that
+    fraction of dense MACs).  Calibration runs with batch statistics; eval mode then moves the gate
+    values slightly, and once in a while one lands within rounding of its threshold, where any two
+    correct implementations may disagree.  Such a draw tests rounding, not the code under test, so
+    the next seed is taken until every gate value is at least ``margin`` from its threshold.
+    Returns ``(model, x)`` with ``x`` of shape (n, in_channels, *size).
+    """
+    from manidp.calibrate import calibrate_bn, calibrate_keep_ratio, calibrate_target_macs
+    from manidp.models import build_model
+    for attempt in range(8):
+        torch.manual_seed(seed + 1000 * attempt)
+        model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
+        x = torch.randn(max(n, 2), in_channels, *size)
+        calibrate_bn(model, x)
+        if target_macs is not None:
+            calibrate_target_macs(model, x, target_macs)
+        else:
+            calibrate_keep_ratio(model, x, keep)
+        x = x[:n]
+        if threshold_margin(model.eval(), x) > margin:
+            break
+    return model.eval(), x

@@ -7,13 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import calibrated
 from manidp import bench
 from manidp.bench import main, validate_report
+from manidp.preprocess import preprocess_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--time-budget", "0", "--num-batches", "2",
@@ -49,7 +52,7 @@ def test_report_files_exist(tiny_run):
 def test_json_schema(tiny_run):
     report = tiny_run["report"]
     assert validate_report(report) == []
-    assert report["schema"] == "manidp-bench/1"
+    assert report["schema"] == "manidp-bench/2"
     env, cfg = report["environment"], report["config"]
     assert env["command_line"].startswith("manidp-bench --model dyresnet20")
     assert env["argv"] == tiny_run["argv"]
@@ -64,12 +67,36 @@ def test_json_schema(tiny_run):
         assert names[name]["status"] == "ok", (name, names[name]["reason"])
     assert names["dense-compile"]["status"] == "skipped" and "opt-in" in names["dense-compile"]["reason"]
     for backend in cfg["backends"]:
-        assert names[f"gated-{backend}"]["kind"] == "gated"
+        assert names[f"gated-{backend}"]["kind"] == "gated" and names[f"gated-{backend}"]["runtime"] == "manidp"
+        opened = names[f"gated-{backend}-open"]
+        assert opened["kind"] == "dense" and opened["status"] == "ok" and opened["baseline"] == "dense-eager"
+    assert cfg["method_order"] == "forward" and "child process" in env["runtime_isolation"]
     # the schema itself catches broken reports
     broken = json.loads(json.dumps(report))
     del broken["environment"]["torch"]
     broken["methods"][0]["kind"] = "magic"
     assert len(validate_report(broken)) == 2
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_rows(tiny_run, runtime):
+    """dense-<rt> and static-<rt> rows: timed in a child process with the run's threads, or skipped with why."""
+    from manidp.bench.runtimes import RUNTIMES, missing_reason
+    rt = next(r for r in RUNTIMES if r.dist == runtime)
+    report = tiny_run["report"]
+    names = {m["name"]: m for m in report["methods"]}
+    assert report["environment"][runtime] == names[f"dense-{rt.tag}"]["runtime_version"]
+    for prefix, baseline in (("dense", "dense-eager"), ("static", "static-folded")):
+        m = names[f"{prefix}-{rt.tag}"]
+        assert m["runtime"] == runtime and m["isolation"] == "child-process" and m["baseline"] == baseline
+        if missing_reason(rt) is not None:
+            assert m["status"] == "skipped" and m["reason"] == missing_reason(rt)
+            continue
+        assert m["status"] == "ok", m["reason"]
+        assert m["kind"] == prefix and m["runtime_version"]
+        assert m["runtime_settings"]["intra_op_num_threads" if rt.tag == "ort" else "INFERENCE_NUM_THREADS"] == 1
+        for r in m["results"]:
+            assert r["status"] == "ok" and r["max_abs_diff"] < 1e-3 and r["argmax_agreement"] == 1.0
 
 
 def test_raw_numbers_are_consistent(tiny_run):
@@ -98,8 +125,10 @@ def test_raw_numbers_are_consistent(tiny_run):
             if m["kind"] == "gated":  # same outputs as the original masked forward
                 assert r["max_abs_diff"] < 1e-3 and r["argmax_agreement"] == 1.0
                 assert r["mean_macs"] > 0
-            if m["name"].startswith("dense-folded"):
-                assert r["max_abs_diff"] < 1e-3
+            if m["kind"] == "dense" and m["baseline"]:  # every dense runtime computes the same network
+                assert r["max_abs_diff"] < 1e-3, m["name"]
+            if m["name"].endswith("-open"):
+                assert r["mean_macs"] > dense
     for s in report["summary"]:
         dense_ok = [r["median_ms"] for m in report["methods"] if m["kind"] == "dense" for r in m["results"]
                     if r["batch_size"] == s["batch_size"] and r["status"] == "ok"]
@@ -167,17 +196,11 @@ def test_plot_is_a_png(tiny_run):
 
 def test_engine_file_input(tmp_path):
     """A DynamicResNet file: dense and masked rebuilt from folded tensors, numerically equal."""
-    from manidp.calibrate import calibrate_bn, calibrate_target_macs
     from manidp.deploy import compile as compile_engine
-    from manidp.models import build_model
-    torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_model("dyresnet20", in_channels=1).eval()
-        x = torch.randn(16, 1, 32, 32)
-        calibrate_bn(model, x)
-        calibrate_target_macs(model, x, 0.5)
+        model, x = calibrated("dyresnet20", (32, 32), n=16, in_channels=1, target_macs=0.5)
         engine = compile_engine(model)
         path = tmp_path / "engine.pt"
         engine.save(str(path))
@@ -198,6 +221,8 @@ def test_engine_file_input(tmp_path):
     assert report["config"]["model_source"] == "engine-file" and report["config"]["target_macs"] is None
     assert report["config"]["in_channels"] == 1
     assert report["static"]["keep"] is None and len(report["static"]["widths"]) == 9
+    assert all(isinstance(k, int) for k in report["static"]["widths"])
+    assert abs(report["static"]["fraction"] - report["macs"]["overall_mean_fraction"]) < 0.1
     ok = {m["name"]: m for m in report["methods"]}
     assert ok["gated-reference"]["results"][0]["max_abs_diff"] < 1e-3
     assert ok["dense-folded"]["results"][0]["max_abs_diff"] < 1e-3
@@ -217,11 +242,94 @@ def test_data_sources(tmp_path):
     assert x.shape == (3, 3, 32, 32) and info["num_images"] == 3
     x, info = bench.load_images("synthetic", 3, (32, 32), 7)
     assert x.shape == (7, 3, 32, 32)
+
+
+def _write_idx(path, images):
+    import gzip
+    n, h, w = images.shape
+    head = b"".join(v.to_bytes(4, "big") for v in (0x0803, n, h, w))
+    with gzip.open(path, "wb") as f:
+        f.write(head + images.numpy().tobytes())
+
+
+def _fashion_sources(tmp_path):
+    """(data spec, raw uint8 images): a generated Fashion-MNIST-like IDX directory, and the real one."""
+    raw = (torch.rand(40, 28, 28) * 255).to(torch.uint8)
+    raw[:, 10:18, 10:18] = 0  # zeros inside the image too: only the border comes from padding
+    d = tmp_path / "fashion-mnist"
+    d.mkdir()
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", raw)
+    sources = [(str(d), raw)]
     if bench.fashion_mnist_available():
-        x, info = bench.load_images("fashion-mnist", 1, (32, 32), 50)
-        assert x.shape == (50, 1, 32, 32) and info["name"] == "fashion-mnist"
-        assert abs(float(x[:, :, 2:30, 2:30].mean())) < 0.5  # normalised
-        assert float(x[:, :, :2].abs().max()) == 0.0          # padding
+        from manidp.data import DEFAULT_FASHION_MNIST_PATH, read_idx
+        real = read_idx(os.path.join(DEFAULT_FASHION_MNIST_PATH, "t10k-images-idx3-ubyte.gz"))[:50]
+        sources.append(("fashion-mnist", torch.from_numpy(real.copy())))
+    return sources
+
+
+@pytest.mark.parametrize("with_engine_spec", [True, False])
+def test_fashion_mnist_inputs_equal_engine_preprocess(tmp_path, with_engine_spec):
+    """Bench inputs are exactly what training and engine.preprocess feed the model: the raw image is
+    zero-padded first, so the border is -mean/std, not 0."""
+    from manidp.deploy import compile as compile_engine
+    from manidp.models import build_model
+    spec = preprocess_spec("fashion-mnist")
+    engine = compile_engine(build_model("dyresnet20", in_channels=1), preprocess=spec)
+    border = float(((torch.zeros(1) / 255.0 - spec["mean"][0]) / spec["std"][0])[0])
+    assert border == pytest.approx(-0.2860 / 0.3530)
+    for data, raw in _fashion_sources(tmp_path):
+        x, info = bench.load_images(data, 1, (32, 32), len(raw), preprocess=spec if with_engine_spec else None)
+        assert x.shape == (len(raw), 1, 32, 32) and info["name"] == "fashion-mnist"
+        assert torch.equal(x, engine.preprocess(raw))
+        pad = torch.ones(32, 32, dtype=torch.bool)
+        pad[2:30, 2:30] = False
+        assert bool((x[:, :, pad] == border).all())
+        assert abs(float(x[:, :, 2:30, 2:30].mean())) < 1.0  # normalised
+
+
+def test_schema_doc_is_generated_from_the_schema():
+    """docs/bench_schema.md is exactly what `python -m manidp.bench.schema_doc` writes."""
+    from manidp.bench.schema_doc import render_markdown
+    with open(os.path.join(ROOT, "docs", "bench_schema.md")) as f:
+        assert f.read() == render_markdown()
+
+
+def test_measure_counts_and_budget():
+    from manidp.bench import measure, measure_interleaved, summarize_times
+    calls = []
+    cpu = torch.device("cpu")
+    times, warm = measure(calls.append, [0, 1, 2], cpu, warmup=2, iters=5)
+    assert len(warm) == 2 and len(times) == 5 and calls == [0, 1, 2, 0, 1, 2, 0]
+    times, _ = measure(lambda x: time.sleep(0.01), [None], cpu, warmup=0, iters=1000, min_iters=3, budget=0.02)
+    assert 3 <= len(times) < 1000
+    times, _ = measure(lambda x: None, [None], cpu, warmup=0, iters=4, clock="thread")
+    assert len(times) == 4 and min(times) >= 0
+    order = []
+    out = measure_interleaved({"a": (lambda x: order.append("a"), [0]), "b": (lambda x: order.append("b"), [0])},
+                              cpu, warmup=1, iters=3)
+    assert order == ["a", "b"] * 4 and [len(v) for v in out.values()] == [3, 3]
+    stats = summarize_times([1.0, 2.0, 3.0, 4.0], batch_size=8)
+    assert stats["median_ms"] == 2.5 and stats["iters"] == 4 and stats["throughput_ips"] == pytest.approx(3200.0)
+
+
+def test_time_share_splits_max_time():
+    from manidp.bench.timing import TimeShare
+    assert TimeShare(0, 1.5, 2, 3).limits(10) == (1.5, 2, 3)  # no overall limit
+    budget, warmup, min_iters = TimeShare(100.0, 0.0, 2, 3).limits(10)
+    assert 9.0 < budget <= 10.0 and (warmup, min_iters) == (2, 3)
+    spent = TimeShare(1e-9, 1.5, 2, 3)
+    time.sleep(0.001)
+    assert spent.limits(5) == (1e-3, 1, 1)
+
+
+def test_folded_dense_equals_dense():
+    from manidp.models import build_model
+    model, x = calibrated("dyresnet20", (32, 32), n=4)
+    dense = bench.dense_model_from_gated(model)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.folded_dense(model)(x), dense(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bench.folded_dense(dense)(x), dense(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(dense, type(build_model("resnet20")))
 
 
 def _error(argv):
@@ -263,25 +371,16 @@ def test_python_dash_m():
 
 
 def test_default_model_path(tmp_path, monkeypatch):
-    """No --model: the shipped asset through manidp.default_model(), on its own test images."""
-    import manidp
-    from manidp.calibrate import calibrate_bn, calibrate_target_macs
-    from manidp.deploy import DynamicResNet, compile as compile_engine
-    from manidp.models import build_model
-    torch.manual_seed(1)
+    """No --model: the shipped asset (manidp.pretrained.DEFAULT_MODEL_PATH), on its own test images."""
+    from manidp import pretrained
+    from manidp.deploy import compile as compile_engine
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = build_model("dyresnet20", in_channels=1).eval()
-        x = torch.randn(32, 1, 32, 32)
-        calibrate_bn(model, x)
-        calibrate_target_macs(model, x, 0.5)
-        pre = {"scale": 255.0, "mean": [0.2860], "std": [0.3530], "pad": 2}
+        model, _ = calibrated("dyresnet20", (32, 32), n=32, seed=1, in_channels=1, target_macs=0.5)
         path = tmp_path / "default_model.pt"
-        compile_engine(model, preprocess=pre).save(str(path))
-        monkeypatch.setattr(bench, "_default_asset", lambda: str(path))
-        monkeypatch.setattr(manidp, "default_model", lambda device="cpu", **kw: DynamicResNet.load(str(path), device),
-                            raising=False)
+        compile_engine(model, preprocess=preprocess_spec("fashion-mnist")).save(str(path))
+        monkeypatch.setattr(pretrained, "DEFAULT_MODEL_PATH", str(path))
         code, stdout, stderr = _run(["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--iters", "1",
                                      "--warmup", "0", "--time-budget", "0", "--num-batches", "1", "--quiet"])
     finally:
@@ -317,6 +416,20 @@ def test_cuda_end_to_end(tmp_path, dtype):
             assert all(r["max_abs_diff"] < 0.1 for r in graph["results"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_runner_replays_a_module():
+    """The one CUDA-graph capture routine, on a plain module (channels-last input kept as it is)."""
+    model, x = calibrated("dyresnet20", (32, 32), n=4)
+    net = bench.folded_dense(model).cuda().to(memory_format=torch.channels_last)
+    xs = [torch.randn_like(x).cuda().contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    run = bench.graph_runner(net, xs[0])
+    assert run.static_input.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for xi in xs:
+            torch.testing.assert_close(run(xi, clone=True), net(xi), rtol=1e-4, atol=1e-4)
+
+
 def test_checkpoint_input(tmp_path):
     """A manidp-train checkpoint: the gated model with its BN, and the engine compiled from it."""
     from manidp.models import build_model
@@ -324,9 +437,11 @@ def test_checkpoint_input(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"arch": "dyresnet20", "state_dict": model.state_dict(),
                 "dataset": {"name": "fashion-mnist", "input_size": [32, 32]}}, path)
-    gated, engine, source, pre = bench._load_model_file(str(path))
-    assert source == "checkpoint" and not getattr(gated, "_manidp_from_engine", False)
-    assert any(isinstance(m, torch.nn.BatchNorm2d) and m.eps > 0 for m in gated.modules())
-    assert engine.config["arch"] == "dyresnet20" and pre is not None and pre["pad"] == 2
+    from manidp.bench.subject import load_model_file
+    choice = load_model_file(str(path))
+    assert choice.source == "checkpoint" and not getattr(choice.gated, "_manidp_from_engine", False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) and m.eps > 0 for m in choice.gated.modules())
+    assert choice.engine.config["arch"] == "dyresnet20"
+    assert choice.preprocess is not None and choice.preprocess["pad"] == 2
     torch.save({"arch": "resnet20", "state_dict": build_model("resnet20").state_dict()}, tmp_path / "d.pt")
     assert "dense model" in _error(["--model", str(tmp_path / "d.pt")])

@@ -152,6 +152,17 @@ def test_fashion_mnist_idx(tmp_path, compress):
     assert train.images[:, :, :2].sum() == 0 and train.images[:, :, :, 30:].sum() == 0
 
 
+def test_fashion_mnist_batches_equal_the_shared_preprocessing(tmp_path):
+    """Training/evaluation inputs are exactly what manidp.preprocess makes of the raw 28x28 images."""
+    from manidp.preprocess import preprocess_spec, raw_to_input
+    write_fmnist(tmp_path)
+    b = build_dataset("fashion-mnist", str(tmp_path), augment=False)
+    x, _ = next(eval_batches(b.test, 10))
+    raw = torch.from_numpy(read_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz")).copy())
+    assert torch.equal(x, raw_to_input(raw, preprocess_spec("fashion-mnist"), in_channels=1))
+    assert torch.allclose(x[:, :, 0], torch.full_like(x[:, :, 0], -0.2860 / 0.3530))  # padded border
+
+
 def test_fashion_mnist_errors(tmp_path):
     """Bad magic, truncated data, label count mismatch, missing files."""
     _expect_error(lambda: load_fashion_mnist(str(tmp_path / "none")), "does not exist", "t10k-images")

@@ -34,7 +34,7 @@ def test_pipeline_tiny(tmp_path):
     for r in rows:
         assert 0.0 <= r["top1"] <= 100.0 and 0.0 <= r["flops_reduction"] < 1.0
     manidp = next(r for r in rows if r["method"] == "manidp")
-    assert manidp["engine_top1"] == pytest.approx(manidp["top1"], abs=1.0)  # deployed engine, same test split
+    assert manidp["engine_top1"] == manidp["top1"]  # the deployed engine, same test split: equal, as the README says
     static = next(r for r in rows if r["method"].startswith("static"))
     assert static["flops_reduction"] == pytest.approx(manidp["flops_reduction"], abs=0.05)
 

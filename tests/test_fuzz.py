@@ -10,11 +10,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import threshold_margin
 from manidp.calibrate import calibrate_bn, calibrate_keep_ratio
 from manidp.deploy import available_backends, compile
 from manidp.models import CifarResNet, ImageNetResNet
 
-CPU_BACKENDS = [b for b in available_backends(torch.device("cpu")) if b != "reference"]
+# The Triton backend on CPU tensors is the interpreter (TRITON_INTERPRET=1): far too slow to
+# fuzz here; tests/test_gpu.py holds its contract tests on small shapes.
+CPU_BACKENDS = [b for b in available_backends(torch.device("cpu")) if b not in ("reference", "triton")]
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -46,6 +49,9 @@ def gated_models(draw):
         # A random deep net with its thresholds overridden can overflow; such a case compares
         # NaN with NaN and checks nothing (non-finite inputs are tested on their own below).
         assume(bool(torch.isfinite(model.eval()(x)).all()))
+    # A gate value within rounding of its threshold may fall either side in any two correct
+    # implementations: such a draw tests rounding, not the backends (as conftest.calibrated).
+    assume(threshold_margin(model, x) > 1e-4)
     return model.eval(), x
 
 

@@ -1,4 +1,4 @@
-"""ManiDP losses (DESIGN 1.3) against values worked out by hand on tiny tensors."""
+"""ManiDP losses (docs/DESIGN.md 1.3) against values worked out by hand on tiny tensors."""
 
 import math
 
@@ -65,7 +65,7 @@ def test_similarity_loss_by_hand_scaled_rows():
 
 
 def test_similarity_loss_gradients_reach_both_sides():
-    """Neither side is detached (DESIGN 1.3)."""
+    """Neither side is detached (docs/DESIGN.md 1.3)."""
     g = torch.tensor([[1.0, 1.0], [1.0, 0.0]], requires_grad=True)
     feat = torch.tensor([[2.0, 0.5], [0.1, 3.0]], requires_grad=True)
     similarity_loss(g, feat).backward()

@@ -1,4 +1,4 @@
-"""The C++ custom ops (``torch.ops.manidp.gate_compact`` / ``gated_block``) on their own.
+"""The C++ CPU ops (``torch.ops.manidp.gate_compact`` / ``gated_block``) on their own.
 
 Checked against plain-PyTorch definitions, with ``torch.library.opcheck`` (schema, fake
 kernels, dispatch), under ``torch.compile`` and for clear errors on bad inputs.
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from manidp.deploy import ops
-from manidp.deploy.reference import compact_indices
+from manidp.kernels import build_config
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not built ({ops.IMPORT_ERROR!r})")
 
@@ -19,6 +19,15 @@ def _gate(cin=24, c=20, hidden=10, n=5, seed=0):
     return dict(pooled=torch.randn(n, cin, generator=g), fc1=torch.randn(hidden, cin, generator=g) / cin ** 0.5,
                 fc2=torch.randn(c, hidden, generator=g) / hidden ** 0.5, fc2_bias=torch.rand(c, generator=g),
                 threshold=torch.tensor(0.5))
+
+
+def compact_indices(active: torch.Tensor):
+    """(N, C) bool -> (idx int32 (N, C), cnt int32 (N,)): active ids first, ascending, then -1."""
+    n, c = active.shape
+    ar = torch.arange(c).expand(n, c)
+    order = torch.where(active, ar, ar + c).argsort(dim=1)  # active channels sort before inactive ones
+    cnt = active.sum(1).to(torch.int32)
+    return torch.where(torch.arange(c) < cnt[:, None], order, -1).to(torch.int32), cnt
 
 
 def _gate_reference(pooled, fc1, fc2, fc2_bias, threshold, clamp_max):
@@ -64,7 +73,7 @@ def _block_args(cin=8, c=12, stride=2, shortcut=True, seed=0):
 
 
 def _block_reference(x, w1, b1, w2, b2, ws, bs, f11, f12, gb1, t1, f21, f22, gb2, t2, clamp_max, stride):
-    """DESIGN 3.2 written densely with masks: the masked training forward with folded BN."""
+    """docs/DESIGN.md 3.2 written densely with masks: the masked training forward with folded BN."""
     g1, _, _ = _gate_reference(x.mean((2, 3)), f11, f12, gb1, t1, clamp_max)
     m1 = g1 * ((g1 >= t1) & (g1 > 0))
     a = F.relu(F.conv2d(x, w1, b1, stride, 1)) * m1[:, :, None, None]
@@ -82,12 +91,11 @@ def _block_reference(x, w1, b1, w2, b2, ws, bs, f11, f12, gb1, t1, f21, f22, gb2
 def test_gated_block_matches_masked_forward(mode, shape, stride, shortcut):
     args = _block_args(cin=shape[1], c=12, stride=stride, shortcut=shortcut)
     x = torch.randn(*shape)
-    out, idx1, cnt1, idx2, cnt2 = ops.gated_block(x, *args[:6], args[6:10], args[10:14], args[14], args[15], mode=mode)
+    out, cnt1, cnt2 = ops.gated_block(x, *args[:6], args[6:10], args[10:14], args[14], args[15], mode=mode)
     want, act1, act2 = _block_reference(x, *args)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    for idx, cnt, act in ((idx1, cnt1, act1), (idx2, cnt2, act2)):
-        want_idx, want_cnt = compact_indices(act)
-        assert torch.equal(cnt, want_cnt) and torch.equal(idx, want_idx)
+    assert cnt1.dtype == cnt2.dtype == torch.int32
+    assert torch.equal(cnt1, act1.sum(1).int()) and torch.equal(cnt2, act2.sum(1).int())
 
 
 def test_opcheck_gate_compact():
@@ -108,7 +116,7 @@ def test_ops_trace_under_torch_compile():
     x = torch.randn(2, 8, 9, 9)
 
     def f(x):
-        out, _, cnt1, _, cnt2 = torch.ops.manidp.gated_block(x, *args, 0)
+        out, cnt1, cnt2 = torch.ops.manidp.gated_block(x, *args, 0)
         return out.relu().sum((2, 3)), cnt1 + cnt2
 
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
@@ -122,7 +130,7 @@ def test_ops_export():
 
     class Block(torch.nn.Module):
         def forward(self, x):
-            out, idx1, cnt1, idx2, cnt2 = torch.ops.manidp.gated_block(x, *args, 0)
+            out, cnt1, cnt2 = torch.ops.manidp.gated_block(x, *args, 0)
             return out, cnt1 + cnt2
 
     x = torch.randn(2, 8, 9, 9)
@@ -148,9 +156,21 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="stride 1 and Cin == C"):
         torch.ops.manidp.gated_block(x, *args[:4], None, None, *args[6:], 0)
     with pytest.raises(RuntimeError, match="mode must be"):
-        torch.ops.manidp.gated_block(x, *args, 7)
+        torch.ops.manidp.gated_block(x, *args, max(ops.MODES.values()) + 1)
     g = _gate()
     with pytest.raises(RuntimeError, match=r"threshold must be a float32 CPU tensor with one element"):
         ops.gate_compact(g["pooled"], g["fc1"], g["fc2"], g["fc2_bias"], torch.zeros(2), 1000.0)
     with pytest.raises(RuntimeError, match=r"fc1 must have shape \(hidden, Cin\)"):
         ops.gate_compact(g["pooled"], g["fc1"][:, :5], g["fc2"], g["fc2_bias"], g["threshold"], 1000.0)
+
+
+def test_mode_numbers_compiled_from_build_config():
+    """The C++ kernels were compiled with the mode numbers Python uses (kernels/build_config.py)."""
+    args = _block_args()
+    x = torch.randn(2, 8, 9, 9)
+    with pytest.raises(RuntimeError) as err:
+        torch.ops.manidp.gated_block(x, *args, -1)
+    numbers = [f"{build_config.BLOCK_MODES[m]} ({label})" for m, label in
+               (("auto", "auto"), ("instance", "per instance"), ("union", "union"))]
+    assert all(n in str(err.value) for n in numbers), str(err.value)
+    assert ops.MODES is build_config.BLOCK_MODES

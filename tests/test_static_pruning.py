@@ -45,7 +45,7 @@ def test_keep_one_is_the_dense_network(model_and_x, fold):
     model, x = model_and_x
     net = static_pruned_like(model, 1.0, fold_bn=fold).eval()
     assert isinstance(net, StaticPrunedResNet) and net.folded == fold
-    assert all(k1 == k2 == b.planes for (k1, k2), b in zip(net.widths, net.blocks()))
+    assert all(k == b.planes for k, b in zip(net.widths, net.blocks()))
     with torch.no_grad():
         torch.testing.assert_close(net(x), _dense_of(model)(x), rtol=1e-4, atol=1e-4)
     assert net.macs() == dense_macs(model, (32, 32))
@@ -63,16 +63,15 @@ def test_engine_source_is_folded(model_and_x):
 
 
 def test_pruned_equals_dense_with_channels_zeroed(model_and_x):
-    """Static block = dense block whose dropped conv1/conv2 output channels are zero."""
+    """Narrow block = dense block whose dropped conv1 output channels are zero (conv2 then reads zeros)."""
     model, x = model_and_x
     net = static_pruned_like(model, 0.4).eval()
     dense = _dense_of(model)
     hooks = []
     for blk, sblk in zip(dense.blocks(), net.blocks()):
-        for bn, idx in ((blk.bn1, sblk.in_index), (blk.bn2, sblk.out_index)):
-            keep = torch.zeros(bn.num_features)
-            keep[idx] = 1.0
-            hooks.append(bn.register_forward_hook(lambda m, i, o, k=keep: o * k[None, :, None, None]))
+        keep = torch.zeros(blk.bn1.num_features)
+        keep[sblk.kept_index] = 1.0
+        hooks.append(blk.bn1.register_forward_hook(lambda m, i, o, k=keep: o * k[None, :, None, None]))
     with torch.no_grad():
         ref = dense(x)
         out = net(x)
@@ -84,35 +83,66 @@ def test_pruned_equals_dense_with_channels_zeroed(model_and_x):
         torch.testing.assert_close(folded(x), out, rtol=1e-4, atol=1e-4)
 
 
+def test_narrow_blocks_keep_the_residual_width(model_and_x):
+    """conv1 outputs = conv2 inputs = width; conv2 writes every plane; no scatter into the residual."""
+    model, _ = model_and_x
+    net = static_pruned_like(model, 0.5, fold_bn=True)
+    for blk, sblk in zip(model.blocks(), net.blocks()):
+        planes = blk.conv1.out_channels
+        assert sblk.width == round(0.5 * planes) == sblk.kept_index.numel()
+        assert sblk.conv1.out_channels == sblk.conv2.in_channels == sblk.width
+        assert sblk.conv2.out_channels == planes and sblk.conv1.in_channels == blk.conv1.in_channels
+    assert not any(hasattr(b, "out_index") for b in net.blocks())
+
+
+def test_macs_follow_the_formula(model_and_x):
+    """MACs = flops.block_macs_from_dims with active1 = width and active2 = planes, block by block."""
+    from manidp.flops import block_macs_from_dims, stem_macs_from_dims
+    model, _ = model_and_x
+    net = static_pruned_like(model, 0.3)
+    total, h, w = stem_macs_from_dims(model.conv1.in_channels, 16, 3, 1, 1, False, 32, 32)
+    for blk, width in zip(model.blocks(), net.widths):
+        cin, planes = blk.conv1.in_channels, blk.conv1.out_channels
+        ho = (h - 1) // blk.stride + 1
+        conv = cin * width * 9 * ho * ho + width * planes * 9 * ho * ho
+        shortcut = cin * planes * ho * ho if blk.downsample is not None else 0
+        m, h, w = block_macs_from_dims(cin, planes, blk.stride, blk.downsample is not None, h, w, width, planes)
+        assert m == conv + shortcut
+        total += m
+    assert net.macs() == total + 64 * 10 == static_macs(model, 0.3)
+
+
 def test_channels_are_the_largest_l1_filters(model_and_x):
     model, _ = model_and_x
     net = static_pruned_like(model, 0.5)
     blk, sblk = next(model.blocks()), next(net.blocks())
     norms = blk.conv1.weight.detach().abs().sum((1, 2, 3))
-    k = sblk.k1
-    assert set(sblk.in_index.tolist()) == set(norms.topk(k).indices.tolist())
-    assert sblk.in_index.tolist() == sorted(sblk.in_index.tolist())
-    w2 = blk.conv2.weight.detach()[:, sblk.in_index]
-    assert set(sblk.out_index.tolist()) == set(w2.abs().sum((1, 2, 3)).topk(sblk.k2).indices.tolist())
+    assert set(sblk.kept_index.tolist()) == set(norms.topk(sblk.width).indices.tolist())
+    assert sblk.kept_index.tolist() == sorted(sblk.kept_index.tolist())
+    torch.testing.assert_close(sblk.conv2.weight, blk.conv2.weight.detach()[:, sblk.kept_index])
     assert l1_top_channels(torch.ones(4, 2, 3, 3), 2).tolist() == [0, 1]  # ties: lowest index
 
 
 def test_uniform_ratio_and_widths(model_and_x):
     model, _ = model_and_x
     net = static_pruned_like(model, 0.5)
-    assert net.widths == [(round(0.5 * b.conv1.out_channels), round(0.5 * b.conv1.out_channels)) for b in model.blocks()]
-    widths = [(1, b.conv1.out_channels) for b in model.blocks()]
+    assert net.widths == [round(0.5 * b.conv1.out_channels) for b in model.blocks()]
+    widths = [1 + i % 3 for i, _ in enumerate(model.blocks())]
     net2 = static_pruned_like(model, widths=widths)
     assert net2.widths == widths
     assert static_pruned_like(model, widths).widths == widths  # a list passed as keep
     assert net2.macs() == static_macs(model, widths=widths)
     tiny = static_pruned_like(model, 0.01)
-    assert all(k1 >= 1 and k2 >= 1 for k1, k2 in tiny.widths)
+    assert all(k >= 1 for k in tiny.widths)
     for bad in (0.0, 1.5, -1):
         with pytest.raises(ValueError):
             static_pruned_like(model, bad)
     with pytest.raises(ValueError):
-        static_pruned_like(model, widths=[(1, 1)])
+        static_pruned_like(model, widths=[1])
+    with pytest.raises(ValueError, match="one integer"):
+        static_pruned_like(model, widths=[(1, 16)] * len(widths))
+    with pytest.raises(ValueError, match="out of range"):
+        static_pruned_like(model, widths=[17] * len(widths))
     with pytest.raises(ValueError):
         static_pruned_like(model)
 

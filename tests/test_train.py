@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # ----------------------------------------------------------------------------- pieces
 
 def test_remain_rate_schedule():
-    """r goes from ~1 to exactly the target at the last epoch (DESIGN 1.4)."""
+    """r goes from ~1 to exactly the target at the last epoch (docs/DESIGN.md 1.4)."""
     assert remain_rate(9, 10, 0.6) == pytest.approx(0.6)
     assert remain_rate(-1, 10, 0.6) == pytest.approx(1.0)
     assert remain_rate(4, 10, 0.5) == pytest.approx(0.75)

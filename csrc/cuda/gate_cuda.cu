@@ -1,4 +1,5 @@
-// manidp::cuda_gate: the gate of DESIGN 1.1 with on-device compaction (DESIGN 3.3).
+// CUDA kernel of manidp::gpu_gate: the gate of docs/DESIGN.md 1.1 with on-device compaction
+// (docs/DESIGN.md 7.5).
 //
 // One thread block (256 threads, 8 warps) per instance:
 //   1. s[c]  = sum_t part[n, t, c] / hw                      (threads over c)
@@ -46,7 +47,8 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(
   for (int c = tid; c < CIN; c += kGateThreads) {
     float acc = 0.f;
     for (int t = 0; t < T; ++t) acc += pn[static_cast<int64_t>(t) * CIN + c];
-    s[c] = acc / hw;
+    // __fdiv_rn: exact fp32 division although the sources build with --use_fast_math (docs/DESIGN.md 7.5).
+    s[c] = __fdiv_rn(acc, hw);
   }
   __syncthreads();
   for (int k = warp; k < HID; k += kWarps) {
@@ -111,19 +113,21 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate(const at::Tensor& part, int64_t hw, const at::Tensor& fc1,
                                                     const at::Tensor& fc2, const at::Tensor& fc2_bias,
                                                     const at::Tensor& threshold, double clamp_max) {
-  TORCH_CHECK(part.is_cuda(), "cuda_gate: part must be a CUDA tensor");
-  TORCH_CHECK(part.dim() == 3 && part.scalar_type() == at::kFloat, "cuda_gate: part must be (N, T, Cin) float32");
-  TORCH_CHECK(fc2.dim() == 2 && fc1.dim() == 2, "cuda_gate: fc1/fc2 must be matrices");
+  TORCH_CHECK(part.is_cuda(), "manidp::gpu_gate: part must be a CUDA tensor");
+  TORCH_CHECK(part.dim() == 3 && part.scalar_type() == at::kFloat,
+              "manidp::gpu_gate: part must be (N, T, Cin) float32");
+  TORCH_CHECK(fc2.dim() == 2 && fc1.dim() == 2, "manidp::gpu_gate: fc1/fc2 must be matrices");
   const int64_t n = part.size(0), T = part.size(1), cin = part.size(2);
   const int64_t c = fc2.size(0), hid = fc2.size(1);
-  TORCH_CHECK(fc1.size(0) == hid && fc1.size(1) == cin, "cuda_gate: fc1 must be (", hid, ", ", cin, "), got ",
+  TORCH_CHECK(fc1.size(0) == hid && fc1.size(1) == cin, "manidp::gpu_gate: fc1 must be (", hid, ", ", cin, "), got ",
               fc1.sizes());
-  TORCH_CHECK(fc2_bias.numel() == c && threshold.numel() == 1, "cuda_gate: fc2_bias (C,) and threshold () expected");
+  TORCH_CHECK(fc2_bias.numel() == c && threshold.numel() == 1,
+              "manidp::gpu_gate: fc2_bias (C,) and threshold () expected");
   for (const at::Tensor* t : {&fc1, &fc2, &fc2_bias, &threshold}) {
     TORCH_CHECK(t->is_cuda() && t->device() == part.device() && t->scalar_type() == at::kFloat,
-                "cuda_gate: gate tensors must be float32 on ", part.device());
+                "manidp::gpu_gate: gate tensors must be float32 on ", part.device());
   }
-  TORCH_CHECK(hw > 0, "cuda_gate: hw must be positive");
+  TORCH_CHECK(hw > 0, "manidp::gpu_gate: hw must be positive");
   c10::cuda::CUDAGuard guard(part.device());
   auto part_c = part.contiguous();
   auto fc1_c = fc1.contiguous(), fc2_c = fc2.contiguous(), b_c = fc2_bias.contiguous();
@@ -133,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate(const at::Tensor& part, int6
   auto cnt = at::empty({n}, part.options().dtype(at::kInt));
   if (n == 0 || c == 0) return {g, idx, cnt};
   const size_t smem = static_cast<size_t>(cin + hid + c) * sizeof(float);
-  TORCH_CHECK(smem <= 48 * 1024, "cuda_gate: too many channels for one block (", cin, ", ", hid, ", ", c, ")");
+  TORCH_CHECK(smem <= 48 * 1024, "manidp::gpu_gate: too many channels for one block (", cin, ", ", hid, ", ", c, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
   gate_kernel<<<static_cast<unsigned>(n), kGateThreads, smem, stream>>>(
       part_c.data_ptr<float>(), fc1_c.data_ptr<float>(), fc2_c.data_ptr<float>(), b_c.data_ptr<float>(),

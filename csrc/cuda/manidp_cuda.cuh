@@ -1,13 +1,12 @@
-// Shared declarations of the CUDA ops of manidp (DESIGN 3.3).
+// Shared declarations of the CUDA kernels of the GPU ops (docs/DESIGN.md 7.5).
 //
-// Ops (schemas in registration_cuda.cu; semantics identical to the Triton ops,
-// documented in manidp/deploy/gpu_common.py):
-//   manidp::cuda_gate        pooling (from per-tile channel sums) + fc1 + relu + fc2 + bias + relu +
-//                            clamp + threshold + compaction, one thread block per instance.
-//   manidp::cuda_gated_conv  gathered implicit-GEMM conv with the fused epilogues
-//                            (mode 0 plain + bias, 1 conv1 compact, 2 conv2 residual), a
-//                            SIMT fp32-FMA kernel for every dtype and a WMMA tensor-core kernel
-//                            for fp16/bf16 (fp32 accumulation).
+// Ops (schemas in csrc/registration.cpp, semantics in docs/DESIGN.md 7.2; the Triton kernels
+// implement the same contract):
+//   manidp::gpu_gate    pooling (from per-tile channel sums) + fc1 + relu + fc2 + bias + relu +
+//                       clamp + threshold + compaction, one thread block per instance.
+//   manidp::gated_conv  gathered implicit-GEMM conv with the fused epilogues (ConvMode), a SIMT
+//                       fp32-FMA kernel for every dtype and a WMMA tensor-core kernel for
+//                       fp16/bf16 (fp32 accumulation), chosen by `impl` (ConvImpl).
 // Nothing is copied back to the host: grids are sized for the full channel count and
 // blocks past an instance's active count skip the reduction, so the ops can be captured in
 // CUDA graphs.
@@ -17,6 +16,8 @@
 
 #include <cstdint>
 #include <tuple>
+
+#include "manidp_common.h"
 
 namespace manidp {
 namespace cuda {
@@ -34,9 +35,6 @@ std::tuple<at::Tensor, at::Tensor> gated_conv(const at::Tensor& x, const at::Ten
                                               const c10::optional<at::Tensor>& res, int64_t stride, int64_t ksize,
                                               int64_t mode, int64_t block_m, bool write_part, bool tf32,
                                               int64_t impl);
-
-// Conv kernel selection (the op's `impl` argument).
-enum ConvImpl : int64_t { kAuto = 0, kSimt = 1, kWmma = 2 };
 
 }  // namespace cuda
 }  // namespace manidp

@@ -1,15 +1,13 @@
 """Backend registry of the deployment engine.
 
-A backend runs one gated basic block (DESIGN 3.2) on a batch.  The engine runs
+A backend runs one gated basic block (docs/DESIGN.md 3.2) on a batch.  The engine runs
 the dense stem and classifier itself and hands every block to its backend.
 
-Contract of :meth:`Backend.block` (every backend is tested against ``reference``):
+Contract of :meth:`Backend.block` (docs/DESIGN.md 7.1; every backend is tested against ``reference``):
 
 * input ``x``: (N, Cin, H, W) on the engine's device and compute dtype;
-* returns :class:`BlockResult` with ``out`` (N, planes, H', W') and, per gate,
-  ``idx`` (N, planes) int32 whose first ``cnt[n]`` entries are instance ``n``'s
-  active channels in ascending order (entries past the count are unspecified),
-  and ``cnt`` (N,) int32.
+* returns :class:`BlockResult` with ``out`` (N, planes, H', W') and the active
+  counts ``cnt1``, ``cnt2`` (N,) int32 of the block's two gates.
 """
 
 from __future__ import annotations
@@ -27,10 +25,10 @@ class BackendUnavailable(RuntimeError):
 
 
 class BlockResult(NamedTuple):
+    """What a backend returns for one block: its output and the active count of each gate per instance."""
+
     out: torch.Tensor
-    idx1: torch.Tensor
     cnt1: torch.Tensor
-    idx2: torch.Tensor
     cnt2: torch.Tensor
 
 
@@ -40,6 +38,9 @@ class Backend:
     name = "base"
     devices = ("cpu",)          # device types it runs on
     dtypes = (torch.float32,)   # compute dtypes it supports
+    # Whether autograd can flow through ``block``.  The custom-op backends register no
+    # backward, so the engine runs them without autograd (docs/DESIGN.md 7.1).
+    differentiable = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """``None`` if the backend can run on ``device``/``dtype``, else why not."""

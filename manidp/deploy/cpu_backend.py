@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: each gated block is one C++ op (``manidp::gated_block``).
+"""The ``cpu`` backend: each gated block is one C++ op (``manidp::gated_block``, docs/DESIGN.md 7.6).
 
 The op computes the gates, then each instance's convs on its active channels
 only: with AVX-512 or AVX2, an implicit-GEMM conv that reads the active weight
@@ -40,9 +40,8 @@ class CpuBackend(Backend):
 
     def prepare(self, engine) -> None:
         """Cache the op's argument tuple per block (contiguous fp32 tensors, no copies if already so)."""
-        # The ImageNet stem (7x7 conv + max-pool on a large map) runs about 4x faster on
-        # channels-last data (measured 15 ms -> 3.9 ms at 224x224, one thread); the CIFAR stem
-        # is faster as it is.
+        # The ImageNet stem (7x7 conv + max-pool on a large map) is much faster on channels-last
+        # data; the CIFAR stem is faster as it is (benchmarks/results/cpu_design_notes.md).
         self._stem_channels_last = bool(engine.config["stem"].get("maxpool", False))
         for blk in engine.blocks:
             f = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731

@@ -1,8 +1,9 @@
-"""Turn a trained gated model into the plain tensors the engine runs (DESIGN 3.1).
+"""Turn a trained gated model into the plain tensors the engine runs (docs/DESIGN.md 3.1).
 
 Every BN is folded into the conv before it: ``W' = W * gamma / sigma`` and
-``b' = beta - mu * gamma / sigma``.  Gates are kept as they are (fc weights,
-bias, threshold, clamp).
+``b' = (b - mu) * gamma / sigma + beta``.  :func:`fold_conv_bn` is the package's
+one BN fold (static pruning uses it too).  Gates are kept as they are (fc
+weights, bias, threshold, clamp).
 """
 
 from __future__ import annotations
@@ -12,20 +13,28 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["fold_bn", "model_tensors", "model_config"]
+__all__ = ["fold_bn", "fold_conv_bn", "model_tensors", "model_config"]
 
 
 @torch.no_grad()
+def fold_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias (fp32, contiguous, on ``weight``'s device) of ``bn(conv(x))`` as one conv.
+
+    ``bias`` None means a bias-free conv; ``bn`` None returns the conv's own weight and bias.
+    """
+    w = weight.detach().float()
+    b = bias.detach().float() if bias is not None else torch.zeros(w.shape[0], device=w.device)
+    if bn is not None:
+        scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        w = w * scale[:, None, None, None]
+        b = (b - bn.running_mean.float()) * scale + bn.bias.detach().float()
+    return w.contiguous(), b.contiguous()
+
+
 def fold_bn(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(conv(x))`` as one conv (fp32, contiguous)."""
-    w = conv.weight.detach().float()
-    b = conv.bias.detach().float() if conv.bias is not None else torch.zeros(w.shape[0])
-    if bn is None:
-        return w.contiguous(), b.contiguous()
-    scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-    w = w * scale[:, None, None, None]
-    b = (b - bn.running_mean.float()) * scale + bn.bias.detach().float()
-    return w.contiguous(), b.contiguous()
+    return fold_conv_bn(conv.weight, conv.bias, bn)
 
 
 def _gate_tensors(prefix: str, gate: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,76 +1,59 @@
-"""What the GPU backends (``triton`` and ``cuda``) share: op contract, shapes, weight layouts, block driver.
+"""What the GPU backends (``triton`` and ``cuda``) share: weight layouts and the block driver.
 
-Both backends expose the same two ops with the same semantics (``manidp::triton_*``
-and ``manidp::cuda_*``); this module runs a gated block (DESIGN 3.2) on any
-object providing them, so the two backends differ only in their kernels.
-
-Op contract (all tensors on one device, contiguous):
-
-``gate(part, hw, fc1, fc2, fc2_bias, threshold, clamp_max) -> (g, idx, cnt)``
-    ``part`` (N, T, Cin) fp32 channel sums of the gate's input over ``T`` pixel
-    tiles (pooled input = ``part.sum(1) / hw``); ``fc1`` (hidden, Cin), ``fc2``
-    (C, hidden), ``fc2_bias`` (C,), ``threshold`` () fp32.  Returns ``g`` (N, C)
-    fp32 gate values, ``idx`` (N, C) int32 -- per instance the active channels
-    ascending, then every inactive channel -- and ``cnt`` (N,) int32.
-
-``gated_conv(x, w, bias, in_idx, in_cnt, out_idx, out_cnt, gate, res, stride, ksize, mode, block_m,
-write_part, tf32) -> (out, part)``
-    ``x`` (N, H, W, Cbuf) channels-last; ``w`` (Cout, ksize*ksize, Cin); ``bias``
-    (Cout,) fp32; ``in_idx``/``in_cnt``: GEMM column ``k < in_cnt[n]`` reads
-    ``x[..., k]`` and weight column ``in_idx[n, k]`` (None: all ``Cin``
-    columns, identity); ``out_idx``/``out_cnt``: a gate's ``idx``/``cnt`` (None:
-    every row).  ``mode`` 0: ``out = conv + bias`` (dense); 1: conv1 epilogue,
-    ``out[n, :, :, j] = relu(g[n, o] * (conv_o + b_o))`` for ``o = out_idx[n, j]``,
-    ``j < out_cnt[n]`` (compact); 2: conv2 epilogue,
-    ``out[..., o] = relu(res[..., o] + g[n, o] * (conv_o + b_o))`` for active ``o``
-    and ``relu(res[..., o])`` for the others.  ``part`` (N, T, Cout) fp32 with
-    ``T = ceil(HO*WO / block_m)``: per pixel tile, sums of the stored output in
-    full channel space (zero for inactive channels) when ``write_part`` (else T = 0).
-    ``tf32``: allow tf32 for fp32 inputs (Triton only).
+Both backends implement the GPU op contracts ``gpu_gate`` and ``gated_conv``
+(schemas in ``csrc/registration.cpp``, semantics in docs/DESIGN.md 7.2): the ``cuda``
+backend with the CUDA kernels of ``manidp::gpu_gate`` / ``manidp::gated_conv``, the
+``triton`` backend with ``manidp::triton_gpu_gate`` / ``manidp::triton_gated_conv``.
+:class:`GPUBlockRunner` runs a gated block (docs/DESIGN.md 3.2) on either pair, so the two
+backends differ only in their kernels.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional
 
 import torch
 
+from ..flops import conv_out_size
+from ..kernels.build_config import MODE_CONV1, MODE_CONV2, MODE_PLAIN
+from ..kernels.fake import part_tiles
 from .backends import BlockResult
 
-__all__ = ["MODE_PLAIN", "MODE_CONV1", "MODE_CONV2", "conv_out_hw", "num_part_tiles", "choose_block_m",
-           "prepare_gpu_weights", "GPUBlockRunner", "conv_output_shapes"]
+__all__ = ["num_sms", "min_block_m", "choose_block_m", "prepare_gpu_weights", "channels_last", "debug_checks",
+           "check_gate_permutation", "GPUBlockRunner"]
 
-MODE_PLAIN, MODE_CONV1, MODE_CONV2 = 0, 1, 2
-
-
-def conv_out_hw(h: int, w: int, ksize: int, stride: int) -> Tuple[int, int]:
-    pad = ksize // 2
-    return (h + 2 * pad - ksize) // stride + 1, (w + 2 * pad - ksize) // stride + 1
+_SMS: Dict[int, int] = {}
 
 
-def num_part_tiles(hwo: int, block_m: int) -> int:
-    return -(-hwo // block_m)
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device; 1 for CPU tensors (the Triton interpreter: big tiles)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
-def conv_output_shapes(x: torch.Tensor, w: torch.Tensor, stride: int, ksize: int, block_m: int,
-                       write_part: bool):
-    """Shapes of ``(out, part)`` of ``gated_conv`` (shared by kernels and fake implementations)."""
-    n, h, wd, _ = x.shape
-    ho, wo = conv_out_hw(h, wd, ksize, stride)
-    cout = w.shape[0]
-    t = num_part_tiles(ho * wo, block_m) if write_part else 0
-    return (n, ho, wo, cout), (n, t, cout)
+def min_block_m(device: torch.device) -> int:
+    """Fewest tile rows on ``device``: 64 from sm_90 on (wgmma works on 64-row tiles; smaller ones fall
+    back to mma.sync and add compiles), 32 elsewhere (CPU tensors included)."""
+    if device.type != "cuda":
+        return 32
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return 64 if torch.cuda.get_device_capability(idx)[0] >= 9 else 32
 
 
-def choose_block_m(n: int, hwo: int, cout: int, sms: int) -> int:
-    """Pixel-tile height: 128 for large maps, halved (down to 32) until the grid has ~2 programs per SM.
+def choose_block_m(n: int, hwo: int, cout: int, sms: int, min_rows: int = 32) -> int:
+    """Pixel-tile height: 128 for large maps, halved (down to ``min_rows``) until the grid has ~2 programs per SM.
 
     ``tl.dot`` / the MMA paths need at least 16 rows; tiles never exceed the map by much.
     """
     bm = 128
-    while bm > 32 and bm >= 2 * hwo:
+    while bm > min_rows and bm >= 2 * hwo:
         bm //= 2
-    while bm > 32 and n * num_part_tiles(hwo, bm) * max(1, -(-cout // 64)) < 2 * sms:
+    while bm > min_rows and n * part_tiles(hwo, bm) * max(1, -(-cout // 64)) < 2 * sms:
         bm //= 2
     return bm
 
@@ -95,14 +78,48 @@ def prepare_gpu_weights(engine, dtype: torch.dtype) -> None:
         blk.cache["gpu"] = c
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory format: the layout the GPU backends' stem and blocks read (no copy if it is)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def debug_checks() -> bool:
+    """``MANIDP_DEBUG_CHECKS=1``: check every gate's output on the host (synchronises; never inside a capture)."""
+    return os.environ.get("MANIDP_DEBUG_CHECKS", "0") not in ("", "0")
+
+
+def check_gate_permutation(idx: torch.Tensor, cnt: torch.Tensor) -> None:
+    """RuntimeError unless each row of ``idx`` is a permutation of ``0..C-1`` whose first ``cnt`` entries ascend.
+
+    The conv kernels read ``idx`` as a full permutation (docs/DESIGN.md 7.2): a repeated or missing
+    channel would write one output channel twice and leave another unwritten.
+    """
+    n, c = idx.shape
+    ar = torch.arange(c, device=idx.device, dtype=idx.dtype)
+    if not torch.equal(idx.sort(dim=1).values, ar.expand(n, c)):
+        raise RuntimeError("gate index output is not a permutation of the channels in every row")
+    if bool(((cnt < 0) | (cnt > c)).any()):
+        raise RuntimeError(f"gate counts out of [0, {c}]: {cnt.tolist()}")
+    pos = torch.arange(c, device=idx.device).expand(n, c)
+    active = pos < cnt.long()[:, None]
+    rising = idx[:, 1:] > idx[:, :-1]
+    if not bool((rising | ~(active[:, 1:])).all()):
+        raise RuntimeError("gate active channels are not in ascending order")
+
+
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) contiguous view of an NCHW-shaped tensor (no copy if it is channels-last)."""
     y = x.permute(0, 2, 3, 1)
     return y if y.is_contiguous() else y.contiguous()
 
 
+def _tf32(dtype: torch.dtype) -> bool:
+    """TF32 for fp32 convs unless torch's fp32 matmul precision is "highest" (the CUDA kernels ignore it)."""
+    return dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+
+
 class GPUBlockRunner:
-    """Runs gated blocks through an ops object (``gate`` and ``gated_conv`` callables).
+    """Runs gated blocks through a ``gate`` and a ``gated_conv`` op of the GPU contract.
 
     Block outputs are channels-last tensors returned as (N, C, H, W) views.  The
     channel sums the conv2 epilogue writes are carried to the next block's
@@ -110,11 +127,12 @@ class GPUBlockRunner:
     is pooled with one reduction.
     """
 
-    def __init__(self, gate, gated_conv, sms_fn, tf32_fn=lambda dtype: False):
+    def __init__(self, gate, gated_conv, sms: Optional[int] = None, min_rows: Optional[int] = None):
         self.gate = gate
         self.gated_conv = gated_conv
-        self.sms_fn = sms_fn
-        self.tf32_fn = tf32_fn
+        # The GPU the tile rows are chosen for (multiprocessors, fewest rows); None: the input's device.
+        self.sms = sms
+        self.min_rows = min_rows
         self._carry: Optional[tuple] = None
 
     def pooled_parts(self, x_nchw: torch.Tensor, x: torch.Tensor):
@@ -124,19 +142,25 @@ class GPUBlockRunner:
         n, h, w, c = x.shape
         return x.float().sum(dim=(1, 2)).reshape(n, 1, c), h * w
 
+    def _gate(self, part: torch.Tensor, hw: int, params: tuple):
+        g, idx, cnt = self.gate(part, hw, *params)
+        if debug_checks():
+            check_gate_permutation(idx, cnt)
+        return g, idx, cnt
+
     def block(self, blk, x_nchw: torch.Tensor) -> BlockResult:
         c = blk.cache["gpu"]
         x = _nhwc(x_nchw)
         n, h, w, _ = x.shape
-        ho, wo = conv_out_hw(h, w, 3, blk.stride)
-        sms = self.sms_fn(x.device)
-        bm = choose_block_m(n, ho * wo, blk.planes, sms)
-        tf32 = bool(self.tf32_fn(x.dtype))
+        ho, wo = conv_out_size(h, 3, blk.stride, 1), conv_out_size(w, 3, blk.stride, 1)
+        bm = choose_block_m(n, ho * wo, blk.planes, self.sms or num_sms(x.device),
+                            self.min_rows or min_block_m(x.device))
+        tf32 = _tf32(x.dtype)
         part_in, hw_in = self.pooled_parts(x_nchw, x)
-        g1, idx1, cnt1 = self.gate(part_in, hw_in, *c["gate1"])
+        g1, idx1, cnt1 = self._gate(part_in, hw_in, c["gate1"])
         a, part_a = self.gated_conv(x, c["conv1.w"], c["conv1.b"], None, None, idx1, cnt1, g1, None,
                                     blk.stride, 3, MODE_CONV1, bm, True, tf32)
-        g2, idx2, cnt2 = self.gate(part_a, ho * wo, *c["gate2"])
+        g2, idx2, cnt2 = self._gate(part_a, ho * wo, c["gate2"])
         if blk.has_shortcut:
             res, _ = self.gated_conv(x, c["shortcut.w"], c["shortcut.b"], None, None, None, None, None, None,
                                      blk.stride, 1, MODE_PLAIN, bm, False, tf32)
@@ -146,4 +170,4 @@ class GPUBlockRunner:
                                         1, 3, MODE_CONV2, bm, True, tf32)
         out_nchw = out.permute(0, 3, 1, 2)
         self._carry = (out_nchw, part_out, ho * wo)
-        return BlockResult(out_nchw, idx1, cnt1, idx2, cnt2)
+        return BlockResult(out_nchw, cnt1, cnt2)

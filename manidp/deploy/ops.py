@@ -1,24 +1,25 @@
-"""The C++ custom ops of ``manidp._C`` (``torch.ops.manidp.*``) and their fake kernels.
+"""The C++ CPU ops of ``manidp._C`` (``torch.ops.manidp.*``), docs/DESIGN.md 7.2.
 
 Importing this module loads the extension, whose static initialisers register the
-op schemas and the CPU kernels (``csrc/registration.cpp``).  Fake (meta) kernels
-are registered here, so ``torch.compile`` and ``torch.export`` can trace code that
-calls the ops without running them.
+schema of every op and the CPU (and, where built, CUDA) kernels
+(``csrc/registration.cpp``), and :mod:`manidp.kernels.fake`, which registers the
+fake kernels, so ``torch.compile`` and ``torch.export`` can trace code that calls
+the ops without running them.
 
-Ops (see the schemas in ``csrc/registration.cpp``):
+Ops (schemas in ``csrc/registration.cpp``):
 
 ``gate_compact(pooled, fc1, fc2, fc2_bias, threshold, clamp_max) -> (g, idx, cnt)``
-    The gate of DESIGN 1.1 on pooled inputs ``(N, Cin)``: ``g`` (N, C) fp32 gate values
+    The gate of docs/DESIGN.md 1.1 on pooled inputs ``(N, Cin)``: ``g`` (N, C) fp32 gate values
     (before the threshold), ``idx`` (N, C) int32 with each row's active channels
     (``g >= threshold and g > 0``) first in ascending order, then -1, ``cnt`` (N,) int32.
 
 ``gated_block(x, w1, b1, w2, b2, ws, bs, g1_fc1, g1_fc2, g1_bias, g1_threshold, g2_fc1, g2_fc2,
-g2_bias, g2_threshold, clamp_max, stride, mode=0) -> (out, idx1, cnt1, idx2, cnt2)``
-    One gated basic block (DESIGN 3.2) with BN-folded fp32 weights; outputs follow the
-    :class:`~manidp.deploy.backends.BlockResult` contract.  ``mode`` (see :data:`MODES`): 0 lets the
-    kernel choose, 1 one compact conv per instance (the AVX-512 or AVX2 gathered conv where available),
-    2 one batched library conv over the union of the batch's active channels, 3 one compact
-    library conv per instance on gathered weights.
+g2_bias, g2_threshold, clamp_max, stride, mode=0) -> (out, cnt1, cnt2)``
+    One gated basic block (docs/DESIGN.md 3.2) with BN-folded fp32 weights; outputs follow the
+    :class:`~manidp.deploy.backends.BlockResult` contract.  ``mode`` (see :data:`MODES`): ``auto``
+    lets the kernel choose, ``instance`` one compact conv per instance (the AVX-512 or AVX2 gathered
+    conv where available), ``union`` one batched library conv over the union of the batch's active
+    channels, ``library`` one compact library conv per instance on gathered weights.
 """
 
 from __future__ import annotations
@@ -27,39 +28,19 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kernels.build_config import BLOCK_MODES
+
 __all__ = ["HAVE_CPU_OPS", "IMPORT_ERROR", "gate_compact", "gated_block", "MODES"]
 
-MODES = {"auto": 0, "instance": 1, "union": 2, "library": 3}
+MODES = BLOCK_MODES
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
+    from ..kernels import fake  # noqa: F401  (loads manidp._C, which registers the ops, and their fakes)
     IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as e:  # extension not built: the cpu backend reports itself unavailable
     IMPORT_ERROR = e
 
 HAVE_CPU_OPS = IMPORT_ERROR is None and hasattr(torch.ops.manidp, "gated_block")
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("manidp::gate_compact")
-    def _gate_compact_fake(pooled, fc1, fc2, fc2_bias, threshold, clamp_max):
-        n, c = pooled.shape[0], fc2.shape[0]
-        return (pooled.new_empty((n, c), dtype=torch.float32), pooled.new_empty((n, c), dtype=torch.int32),
-                pooled.new_empty((n,), dtype=torch.int32))
-
-    @torch.library.register_fake("manidp::gated_block")
-    def _gated_block_fake(x, w1, b1, w2, b2, ws, bs, g1_fc1, g1_fc2, g1_bias, g1_threshold, g2_fc1, g2_fc2,
-                          g2_bias, g2_threshold, clamp_max, stride, mode=0):
-        n, _, h, w = x.shape
-        c = w1.shape[0]
-        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # 3x3 conv, padding 1
-        idx = x.new_empty((n, c), dtype=torch.int32)
-        cnt = x.new_empty((n,), dtype=torch.int32)
-        return x.new_empty((n, c, ho, wo)), idx, cnt, torch.empty_like(idx), torch.empty_like(cnt)
-
-
-if HAVE_CPU_OPS:
-    _register_fakes()
 
 
 def gate_compact(pooled: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, fc2_bias: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The reference backend: plain PyTorch, one instance at a time (DESIGN 3.2).
+"""The reference backend: plain PyTorch, one instance at a time (docs/DESIGN.md 3.2, 7.1).
 
 It is the ground truth every fast backend is tested against, so it is written
 for clarity, not speed: per instance it gathers the active weight rows and
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .backends import Backend, BlockResult, register_backend
 
-__all__ = ["ReferenceBackend", "gate_forward", "compact_indices"]
+__all__ = ["ReferenceBackend", "gate_forward"]
 
 
 def gate_forward(gate, pooled: torch.Tensor):
@@ -22,21 +22,16 @@ def gate_forward(gate, pooled: torch.Tensor):
     return g, (g >= gate.threshold) & (g > 0)
 
 
-def compact_indices(active: torch.Tensor):
-    """(N, C) bool -> (idx int32 (N, C), cnt int32 (N,)): active ids first, ascending, then -1."""
-    n, c = active.shape
-    ar = torch.arange(c, device=active.device).expand(n, c)
-    key = torch.where(active, ar, ar + c)           # active channels sort before inactive ones
-    order = key.argsort(dim=1).to(torch.int32)
-    cnt = active.sum(1).to(torch.int32)
-    idx = torch.where(torch.arange(c, device=active.device) < cnt[:, None], order, -1)
-    return idx.to(torch.int32), cnt
+def active_counts(active: torch.Tensor) -> torch.Tensor:
+    """(N, C) bool active sets -> (N,) int32 counts."""
+    return active.sum(1).to(torch.int32)
 
 
 class ReferenceBackend(Backend):
     """Per-instance gather in plain PyTorch; every device, every floating dtype."""
 
     name = "reference"
+    differentiable = True  # plain PyTorch ops: gradients flow to the input and the weights
     devices = ("cpu", "cuda")
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -48,9 +43,7 @@ class ReferenceBackend(Backend):
             out_n, act2 = self._instance(blk, x[n:n + 1], g1[n], act1[n], shortcut[n:n + 1])
             outs.append(out_n)
             act2s.append(act2)
-        idx1, cnt1 = compact_indices(act1)
-        idx2, cnt2 = compact_indices(torch.stack(act2s))
-        return BlockResult(torch.cat(outs), idx1, cnt1, idx2, cnt2)
+        return BlockResult(torch.cat(outs), active_counts(act1), active_counts(torch.stack(act2s)))
 
     @staticmethod
     def _shortcut(blk, x: torch.Tensor) -> torch.Tensor:
