@@ -135,20 +135,28 @@ def compile_case(case: AotCase):
                           options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
 
 
+def _run_tool(name: str, content, filename: str, make_args) -> str:
+    """Run the CUDA tool ``name`` on ``content`` written to a temporary ``filename``; its output.
+
+    ``make_args(path, tmpdir)`` gives the tool's arguments.
+    """
+    exe = tool(name)
+    if exe is None:
+        raise RuntimeError(f"{name} not found (Triton's bundled copy nor PATH)")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, filename)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        r = subprocess.run([exe, *make_args(path, d)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} failed: {r.stderr[-2000:]}")
+    return r.stdout + r.stderr
+
+
 def _ptxas_stats(ptx: str, arch: str) -> Dict[str, int]:
     """Registers, spill bytes and shared memory of the PTX, from ``ptxas -v``."""
-    ptxas = tool("ptxas")
-    if ptxas is None:
-        raise RuntimeError("ptxas not found (Triton's bundled copy nor PATH)")
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
-    return parse_ptxas_v(r.stderr + r.stdout)
+    return parse_ptxas_v(_run_tool("ptxas", ptx, "k.ptx",
+                                   lambda path, d: ["-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")]))
 
 
 def parse_ptxas_v(text: str) -> Dict[str, int]:
@@ -164,17 +172,8 @@ def parse_ptxas_v(text: str) -> Dict[str, int]:
 
 def sass_counts(cubin: bytes) -> Dict[str, int]:
     """How many times each opcode of :data:`OPCODES` occurs in the SASS of ``cubin`` (``cuobjdump -sass``)."""
-    cuobjdump = tool("cuobjdump")
-    if cuobjdump is None:
-        raise RuntimeError("cuobjdump not found (Triton's bundled copy nor PATH)")
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        r = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError(f"cuobjdump failed: {r.stderr[-2000:]}")
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", r.stdout)
+    text = _run_tool("cuobjdump", cubin, "k.cubin", lambda path, d: ["-sass", path])
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", text)
     return {name: sum(1 for o in ops if _is_opcode(o, name)) for name in OPCODES}
 
 
