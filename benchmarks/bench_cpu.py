@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 
 from manidp.bench import (RUNTIMES, Workspace, dense_model_from_gated, engine_with_gates_open, environment,
                           folded_dense, measure_interleaved, summarize_times, time_in_child)
+from manidp.bench.report import write_json_and_markdown
 from manidp.bench.runtimes import missing_reason
 from manidp.calibrate import calibrate_bn, calibrate_target_macs
 from manidp.deploy import compile
@@ -273,13 +273,8 @@ def main(argv=None):
     md = markdown(report)
     print(md)
     if not args.no_write:
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"cpu_{datetime.date.today().isoformat()}")
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(md)
-        print(f"wrote {stem}.json and {stem}.md")
+        paths = write_json_and_markdown(report, md, os.path.join(args.out_dir, f"cpu_{datetime.date.today().isoformat()}"))
+        print("wrote", " and ".join(paths))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 void gconv_avx2(const GConvArgs& a) { run_gconv(a); }
+void gconv_part_avx2(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
+  run_gconv_part(a, part, nparts, pooled);
+}
 }  // namespace detail
 }  // namespace manidp
 
@@ -59,6 +62,9 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return false; }
 void gconv_avx2(const GConvArgs&) { TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform"); }
+void gconv_part_avx2(const GConvArgs&, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform");
+}
 }  // namespace detail
 }  // namespace manidp
 

@@ -43,6 +43,9 @@ namespace manidp {
 namespace detail {
 bool gconv_avx512_supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
 void gconv_avx512(const GConvArgs& a) { run_gconv(a); }
+void gconv_part_avx512(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
+  run_gconv_part(a, part, nparts, pooled);
+}
 }  // namespace detail
 }  // namespace manidp
 
@@ -52,6 +55,9 @@ namespace manidp {
 namespace detail {
 bool gconv_avx512_supported() { return false; }
 void gconv_avx512(const GConvArgs&) { TORCH_CHECK(false, "manidp: gconv (AVX-512) is not built for this platform"); }
+void gconv_part_avx512(const GConvArgs&, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "manidp: gconv (AVX-512) is not built for this platform");
+}
 }  // namespace detail
 }  // namespace manidp
 

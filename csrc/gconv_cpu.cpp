@@ -37,6 +37,8 @@ bool gconv_avx512_supported();
 bool gconv_avx2_supported();
 void gconv_avx512(const GConvArgs& a);
 void gconv_avx2(const GConvArgs& a);
+void gconv_part_avx512(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
+void gconv_part_avx2(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
 
 namespace {
 
@@ -112,11 +114,15 @@ PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride) {
 }
 
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf) {
+  pack_planes(g, x, g.h * g.w, nch, buf);
+}
+
+void pack_planes(const PlaneGeometry& g, const float* x, int64_t x_cstride, int64_t nch, float* buf) {
   // Chunks of at least ~32K floats: below that a thread hand-off costs more than the copy.
   at::parallel_for(0, nch, std::max<int64_t>(1, 32768 / g.cstride), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float* dst = buf + j * g.cstride;
-      const float* src = x + j * g.h * g.w;
+      const float* src = x + j * x_cstride;
       std::memset(dst, 0, g.cstride * sizeof(float));
       if (g.stride == 1) {
         std::memcpy(dst + 1 + g.w, src, g.h * g.w * sizeof(float));  // rows are contiguous
@@ -140,6 +146,14 @@ void gconv(const GConvArgs& a) {
   switch (isa()) {
     case GConvIsa::kAvx512: return gconv_avx512(a);
     case GConvIsa::kAvx2: return gconv_avx2(a);
+    default: TORCH_CHECK(false, "manidp: gconv needs a CPU with AVX-512F or AVX2 + FMA (and MANIDP_GCONV_ISA not off)");
+  }
+}
+
+void gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
+  switch (isa()) {
+    case GConvIsa::kAvx512: return gconv_part_avx512(a, part, nparts, pooled);
+    case GConvIsa::kAvx2: return gconv_part_avx2(a, part, nparts, pooled);
     default: TORCH_CHECK(false, "manidp: gconv needs a CPU with AVX-512F or AVX2 + FMA (and MANIDP_GCONV_ISA not off)");
   }
 }

@@ -55,8 +55,9 @@ TileMap tile_map(const GConvArgs& a, int64_t q0, int64_t qend) {
   return t;
 }
 
-// acc[r][v] += sum over input channels and taps of w[r][col(j) * 9 + t] * B(j, t, q0 + kW v).
-template <int MR, int NV>
+// acc[r][v] += sum over input channels and taps of w[r][col(j) * TAPS + t] * B(j, t, q0 + kW v).
+// TAPS 9: the 3x3 conv; TAPS 1: only the centre tap, a 1x1 conv with the same stride.
+template <int MR, int NV, int TAPS>
 MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wrow, int64_t q0, const TileMap& tm,
                                       V (&acc)[kMR][kNV]) {
   const int64_t* toff = a.geom.toff;
@@ -68,10 +69,23 @@ MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wr
     mr[v] = Isa::mask(tm.right[v]);
   }
   for (int64_t j = 0; j < a.nch; ++j, bj += a.geom.cstride) {
-    const int64_t off = (a.cols ? static_cast<int64_t>(a.cols[j]) : j) * 9;
+    const int64_t off = (a.cols ? static_cast<int64_t>(a.cols[j]) : j) * TAPS;
     const float* wp[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) wp[r] = wrow[r] + off;
+    if constexpr (TAPS == 1) {
+      const float* b = bj + toff[4];
+      V bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = Isa::loadu(b + kW * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V wv = Isa::set1(wp[r][0]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fmadd(wv, bv[v], acc[r][v]);
+      }
+      continue;
+    }
 #pragma GCC unroll 1
     for (int ky = 0; ky < 3; ++ky) {
 #pragma GCC unroll 3
@@ -94,7 +108,7 @@ MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wr
 }
 
 // One register block: rows [m0, m0 + MR) x tile q0, all input channels, fused epilogue.
-template <int MR, int NV>
+template <int MR, int NV, int TAPS>
 MANIDP_GCONV_TARGET void block(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
   V acc[kMR][kNV];
 #pragma GCC unroll 8
@@ -104,7 +118,7 @@ MANIDP_GCONV_TARGET void block(const GConvArgs& a, int64_t m0, int64_t q0, const
   const float* wrow[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) wrow[r] = a.weight + static_cast<int64_t>(a.rows[m0 + r]) * a.ldw;
-  micro<MR, NV>(a, wrow, q0, tm, acc);
+  micro<MR, NV, TAPS>(a, wrow, q0, tm, acc);
 
   const V zero = Isa::zero();
   M valid[NV];
@@ -122,7 +136,7 @@ MANIDP_GCONV_TARGET void block(const GConvArgs& a, int64_t m0, int64_t q0, const
       V y = Isa::mul(scale, Isa::add(acc[r][v], bias));
       float* dst = a.out + chan + a.out_offset + q0 + kW * v;
       if (a.residual) y = Isa::add(y, Isa::maskz_loadu(valid[v], a.residual + (dst - a.out)));
-      y = Isa::max(zero, y);  // operand order: a NaN y passes through, as torch.relu
+      if (a.relu) y = Isa::max(zero, y);  // operand order: a NaN y passes through, as torch.relu
       Isa::mask_storeu(dst, valid[v], y);
       if (pooled) psum = Isa::add(psum, Isa::maskz_mov(valid[v], y));
     }
@@ -131,12 +145,12 @@ MANIDP_GCONV_TARGET void block(const GConvArgs& a, int64_t m0, int64_t q0, const
 }
 
 // Register block of the tile's nv (1..NV) vectors.
-template <int MR, int NV = kNV>
+template <int MR, int TAPS, int NV = kNV>
 void block_nv(const GConvArgs& a, int64_t m0, int64_t q0, const TileMap& tm, float* pooled) {
   if constexpr (NV > 1) {
-    if (tm.nv < NV) return block_nv<MR, NV - 1>(a, m0, q0, tm, pooled);
+    if (tm.nv < NV) return block_nv<MR, TAPS, NV - 1>(a, m0, q0, tm, pooled);
   }
-  block<MR, NV>(a, m0, q0, tm, pooled);
+  block<MR, NV, TAPS>(a, m0, q0, tm, pooled);
 }
 
 // Register block of mr (1..kMR) rows.
@@ -145,7 +159,10 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
   if constexpr (MR > 1) {
     if (mr < MR) return block_any<MR - 1>(a, m0, mr, q0, tm, pooled);
   }
-  block_nv<MR>(a, m0, q0, tm, pooled);
+  if (a.taps == 1)
+    block_nv<MR, 1>(a, m0, q0, tm, pooled);
+  else
+    block_nv<MR, 9>(a, m0, q0, tm, pooled);
 }
 
 // Work items [i0, i1) of the (tile, row block) grid over the pixels below qend, tile-major:
@@ -173,15 +190,16 @@ MANIDP_GCONV_TARGET inline V dot_acc(V acc, const float* a, const float* b, int6
 }
 
 // Pixels [q0, q0 + np) of output row m as dot products along K with their patches `col`.
-MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int64_t np, int64_t q0) {
-  const int64_t k = a.nch * 9;
+MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int64_t np, int64_t q0,
+                                  float* pooled) {
+  const int64_t k = a.nch * a.taps;
   const float* wrow = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
   const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
   const M rest_k = Isa::mask((1u << (k % kW)) - 1u), rest_9 = Isa::mask((1u << (9 % kW)) - 1u);
   for (int64_t p = 0; p < np; ++p) {
     const float* c = col + p * k;
     V acc = Isa::zero();
-    if (a.cols == nullptr) {  // conv1: the weight row is contiguous along K
+    if (a.cols == nullptr || a.taps == 1) {  // conv1 / 1x1: the weight row is contiguous along K
       acc = dot_acc(acc, wrow, c, k, rest_k);
     } else {  // conv2: 9 weights per active input channel
       for (int64_t j = 0; j < a.nch; ++j)
@@ -190,62 +208,77 @@ MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* co
     float y = (a.scale ? a.scale[m] : 1.f) * (Isa::reduce_add(acc) + a.bias[m]);
     float* dst = a.out + chan + a.out_offset + q0 + p;
     if (a.residual) y += a.residual[dst - a.out];
-    y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
+    if (a.relu) y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
     *dst = y;
-    if (a.pooled) a.pooled[m] += y;
+    if (pooled) pooled[m] += y;
   }
 }
 
-// Output pixels [q0, qend) as dot products along K, for the few pixels of a map just past a
-// multiple of 16 (7 x 7 = 3 * 16 + 1): in the register blocks they would fill a vector of
-// mostly idle lanes that costs as much as a whole vector, here they cost 1/kW of one.
-void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend) {
+// Output pixels [q0, qend) of rows [m0, m1) as dot products along K, for the few pixels of a map
+// just past a multiple of 16 (7 x 7 = 3 * 16 + 1): in the register blocks they would fill a
+// vector of mostly idle lanes that costs as much as a whole vector, here they cost 1/kW of one.
+void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend, int64_t m0, int64_t m1, float* pooled) {
   const PlaneGeometry& g = a.geom;
-  const int64_t np = qend - q0, k = a.nch * 9;
+  const int64_t np = qend - q0, k = a.nch * a.taps;
   std::vector<float> col(np * k);  // the pixels' input patches, zero where the tap is padding
   for (int64_t p = 0; p < np; ++p) {
     const int64_t q = q0 + p, ox = q % g.wo;
-    for (int t = 0; t < 9; ++t) {
-      const int kx = t % 3;
+    for (int i = 0; i < a.taps; ++i) {
+      const int t = a.taps == 1 ? 4 : i, kx = t % 3;
       const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
-      for (int64_t j = 0; j < a.nch; ++j) col[p * k + j * 9 + t] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
+      for (int64_t j = 0; j < a.nch; ++j)
+        col[p * k + j * a.taps + i] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
     }
   }
-  at::parallel_for(0, a.m, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, q0);
-  });
+  for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, q0, pooled);
 }
 
-// The whole conv: register blocks over the (tile, row block) grid, split across threads, then
-// the tail pixels and the pooled means.
+// How a conv's pixels split: register-block tiles below qmain, dot-product tail pixels above.
+struct Split {
+  int64_t qend, qmain, nblocks, items;
+};
+
+Split split_of(const GConvArgs& a) {
+  Split s;
+  s.qend = a.geom.ho * a.geom.wo;
+  // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
+  const int64_t rest = s.qend % 16;
+  s.qmain = (s.qend > 16 && rest <= 4) ? s.qend - rest : s.qend;
+  s.nblocks = (a.m + kMR - 1) / kMR;
+  s.items = (s.qmain + kTile - 1) / kTile * s.nblocks;
+  return s;
+}
+
+// Part `part` of `nparts` of the conv: an equal run of the (tile, row block) grid, tile-major, and
+// an equal share of the tail rows; balanced to one item whatever the shape (late layers: one tile,
+// many row blocks; early layers: many tiles, few blocks).  Pooled sums (not yet divided by the
+// pixel count) are added to `pooled` (m floats) when it is not null.
+void run_gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
+  if (a.m <= 0) return;
+  const Split s = split_of(a);
+  run_items(a, s.qmain, s.nblocks, s.items * part / nparts, s.items * (part + 1) / nparts, pooled);
+  if (s.qmain < s.qend) tail_pixels(a, s.qmain, s.qend, a.m * part / nparts, a.m * (part + 1) / nparts, pooled);
+}
+
+// The whole conv, split across the intra-op threads, then the pooled means.
 void run_gconv(const GConvArgs& a) {
   if (a.m <= 0) return;
   if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
-  const int64_t qend = a.geom.ho * a.geom.wo;
-  // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
-  const int64_t rest = qend % 16;
-  const int64_t qmain = (qend > 16 && rest <= 4) ? qend - rest : qend;
-  const int64_t ntiles = (qmain + kTile - 1) / kTile;
-  const int64_t nblocks = (a.m + kMR - 1) / kMR;
-  const int64_t items = ntiles * nblocks;
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (nthreads == 1 || items == 1) {
-    run_items(a, qmain, nblocks, 0, items, a.pooled);
+  if (nthreads == 1 || split_of(a).items == 1) {
+    run_gconv_part(a, 0, 1, a.pooled);
   } else {
-    // Threads take equal runs of the (tile, row block) grid: balanced to one item whatever the
-    // shape (late layers: one tile, many row blocks; early layers: many tiles, few blocks).
-    // A row's pooled sum may come from two threads, so each thread has its own slots.
+    // A row's pooled sum may come from two threads, so each part has its own slots.
     std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
-    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-      run_items(a, qmain, nblocks, i0, i1, a.pooled ? partial.data() + at::get_thread_num() * a.m : nullptr);
+    at::parallel_for(0, nthreads, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) run_gconv_part(a, p, nthreads, a.pooled ? partial.data() + p * a.m : nullptr);
     });
     if (a.pooled)
       for (int64_t t = 0; t < nthreads; ++t)
         for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += partial[t * a.m + m];
   }
-  if (qmain < qend) tail_pixels(a, qmain, qend);
   if (a.pooled) {
-    const float inv = 1.f / static_cast<float>(qend);
+    const float inv = 1.f / static_cast<float>(split_of(a).qend);
     for (int64_t m = 0; m < a.m; ++m) a.pooled[m] *= inv;
   }
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
@@ -36,6 +37,9 @@ Tensor3 gated_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Ten
                         const at::Tensor& g1_bias, const at::Tensor& g1_threshold, const at::Tensor& g2_fc1,
                         const at::Tensor& g2_fc2, const at::Tensor& g2_bias, const at::Tensor& g2_threshold,
                         double clamp_max, int64_t stride, int64_t mode);
+
+// Registers torch.classes.manidp.CpuNetwork, the whole network in one call (network_cpu.cpp).
+void register_cpu_network(torch::Library& m);
 
 // ---------------------------------------------------------------- shared helpers
 namespace detail {
@@ -72,10 +76,12 @@ struct PlaneGeometry {
 PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1 or 2
 // Fills buf (nch * cstride floats) from x (nch, h, w).
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf);
+// The same from maps whose channel j starts at x + j * x_cstride (each h * w floats, row-major).
+void pack_planes(const PlaneGeometry& g, const float* x, int64_t x_cstride, int64_t nch, float* buf);
 
-//   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * 9 + t] * in(j, t, p))
+//   y[r, p] = scale[r] * (bias[r] + sum_{j, t} weight[rows[r] * ldw + col(j) * taps + t] * in(j, t, p))
 // with col(j) = cols ? cols[j] : j, then out(r, p) = relu(y + residual(r, p)) (no residual:
-// relu(y)) where out(r, p) is out[chan(r) * out_chan_stride + out_offset + p] for pixel
+// relu(y); relu only when `relu`) where out(r, p) is out[chan(r) * out_chan_stride + out_offset + p] for pixel
 // p = oy * wo + ox, chan(r) = out_chans ? out_chans[r] : r, and residual is read at the same
 // offsets.  With `pooled`, pooled[r] = mean over pixels of out(r, .).
 struct GConvArgs {
@@ -94,12 +100,18 @@ struct GConvArgs {
   const int32_t* out_chans = nullptr;
   int64_t out_chan_stride = 0, out_offset = 0;
   float* pooled = nullptr;
+  int taps = 9;       // 9: the 3x3 conv; 1: its centre tap alone, a 1x1 conv of the same stride
+  bool relu = true;
 };
 // Whether a gconv kernel runs on this CPU (AVX-512F, or AVX2 + FMA; MANIDP_GCONV_ISA may
 // narrow the choice), and its name: "avx512", "avx2" or "none".
 bool gconv_available();
 std::string gconv_isa_name();
 void gconv(const GConvArgs& a);
+// Part `part` of `nparts` of gconv(a), for callers that split one conv over their own threads:
+// together the parts write every output once.  Pooled sums are added to `pooled` (m floats, or
+// null) and not divided by the pixel count; a.pooled is ignored.
+void gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
 
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);

@@ -43,6 +43,9 @@ TORCH_LIBRARY(manidp, m) {
   // The instruction set of the gathered conv kernel on this CPU: "avx512", "avx2" or "none"
   // (gathered weights and the library conv instead).
   m.def("gconv_isa() -> str", [] { return manidp::detail::gconv_isa_name(); });
+  // The whole gated network on the CPU in one call: stem, every block, classifier
+  // (docs/DESIGN.md 7.7).  forward(x) -> (logits, counts (N, 2 * blocks) int32).
+  manidp::register_cpu_network(m);
 
   // ---- GPU ops: CUDA kernels in csrc/cuda, Triton kernels in kernels/ (docs/DESIGN.md 7.2)
   // The gate from per-tile channel sums part (N, T, Cin): pooled input = part.sum(1) / hw.

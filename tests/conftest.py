@@ -52,6 +52,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end training runs (still part of the default suite)")
 
 
+def load_script(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the script look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for a child ``python -m manidp...`` that imports this checkout."""
     env = dict(os.environ)

@@ -2,10 +2,11 @@
 
 Random-weight models of every architecture with realistic BN statistics and thresholds
 keeping 30-70% of the channels (:mod:`manidp.calibrate`); ImageNet models at small and odd
-input sizes to keep the suite fast.  Every strategy of the op is checked (``instance``:
-the gathered conv (gconv, AVX-512 or AVX2) where the CPU has it, ``library``: gathered
-weights + oneDNN, ``union``: batched convs over the union of active channels), and each
-gconv kernel the CPU can run, forced with ``MANIDP_GCONV_ISA`` in a child process.
+input sizes to keep the suite fast.  Every strategy is checked (``auto``: the whole network in
+one native call, ``torch.classes.manidp.CpuNetwork``; then one ``gated_block`` op per block:
+``instance``, the gathered conv (gconv, AVX-512 or AVX2) where the CPU has it, ``library``:
+gathered weights + oneDNN, ``union``: batched convs over the union of active channels), and
+each gconv kernel the CPU can run, forced with ``MANIDP_GCONV_ISA`` in a child process.
 """
 
 import os
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not bui
 # the seeds are draws that do not.
 ARCHS = [("dyresnet20", (32, 32), 0.3, 0), ("dyresnet32", (32, 32), 0.7, 0), ("dyresnet56", (32, 32), 0.5, 0),
          ("dyresnet110", (32, 32), 0.35, 5), ("dyresnet18", (67, 53), 0.6, 0), ("dyresnet34", (48, 48), 0.5, 0)]
-MODES = ["instance", "library", "union"]
+MODES = ["auto", "instance", "library", "union"]
+HAVE_GCONV = ops.HAVE_CPU_OPS and torch.ops.manidp.gconv_isa() != "none"
 
 
 class _Modes:
@@ -130,7 +132,7 @@ def test_batch_with_a_different_count_per_instance():
 @pytest.mark.parametrize("size", [(29, 35), (7, 5), (33, 31)])
 def test_batch_one_and_odd_sizes_imagenet(size):
     model, x = calibrated("dyresnet18", size, 0.5, n=2)
-    ref, engs = engines(model, ["instance", "library"])
+    ref, engs = engines(model, ["auto", "instance", "library"])
     want1 = expected(model, ref, x[:1])
     for engine in engs.values():
         check(engine, x[:1], want1)
@@ -147,14 +149,14 @@ def test_cifar_tiny_maps():
 
 def test_input_layouts():
     model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
-    ref, engs = engines(model, ["instance"])
-    engine = engs["instance"]
+    ref, engs = engines(model, ["auto", "instance"])
     want = expected(model, ref, x)
-    check(engine, x.contiguous(memory_format=torch.channels_last), want)
-    check(engine, x.transpose(2, 3).contiguous().transpose(2, 3), want)  # non-contiguous
     big = torch.zeros(2, 3, 80, 72)
     big[:, :, ::2, ::2] = x
-    check(engine, big[:, :, ::2, ::2], want)                             # strided view
+    for engine in engs.values():
+        check(engine, x.contiguous(memory_format=torch.channels_last), want)
+        check(engine, x.transpose(2, 3).contiguous().transpose(2, 3), want)  # non-contiguous
+        check(engine, big[:, :, ::2, ::2], want)                             # strided view
 
 
 def test_auto_backend_prefers_cpu_and_save_load(tmp_path):
@@ -173,7 +175,9 @@ def test_engine_under_torch_compile():
     model, x = calibrated("dyresnet20", (32, 32), 0.5, n=3)
     engine = compile(model, backend="cpu")
     with torch.no_grad():
-        assert torch.equal(torch.compile(engine, backend="aot_eager")(x), engine(x))
+        # Compiled, the engine runs one op per block (fake kernels); eagerly, the one-call network:
+        # the same math, summed in another order.
+        torch.testing.assert_close(torch.compile(engine, backend="aot_eager")(x), engine(x), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_mode_rejected():
@@ -185,7 +189,7 @@ def test_bad_mode_rejected():
 def test_two_threads():
     """Parallel paths: rows split across threads inside a conv (batch 1), instances across threads."""
     model, x = calibrated("dyresnet18", (40, 36), 0.5, n=3)
-    ref, engs = engines(model, ["instance", "library"])
+    ref, engs = engines(model, ["auto", "instance", "library"])
     want1, want = expected(model, ref, x[:1]), expected(model, ref, x)
     torch.set_num_threads(2)
     try:
@@ -194,6 +198,68 @@ def test_two_threads():
             check(engine, x, want)
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not HAVE_GCONV, reason="no gconv kernel on this CPU: the engine runs block by block")
+def test_auto_runs_the_whole_network_in_one_call():
+    model, x = calibrated("dyresnet20", (32, 32), 0.5, n=2)
+    engs = engines(model, ["auto", "instance"])[1]
+    with torch.no_grad():
+        logits, active = engs["auto"].backend.network(engs["auto"], x)
+        assert engs["instance"].backend.network(engs["instance"], x) is None
+    assert logits.shape == (2, 10) and active.shape == (2, 18) and active.dtype == torch.int32
+
+
+@pytest.mark.skipif(not HAVE_GCONV, reason="no gconv kernel on this CPU: the engine runs block by block")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_whole_network_reads_thresholds_changed_in_place(threads):
+    """Thresholds set on the engine after compiling (as the bench's all-open copy does) take effect."""
+    model, x = calibrated("dyresnet20", (32, 32), 0.5, n=3)
+    engs = engines(model, ["auto", "instance"])[1]
+    engine = engs["auto"]
+    engine.blocks[1].gate1.threshold.fill_(float("inf"))
+    engine.blocks[4].gate2.threshold.fill_(float("-inf"))
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for batch in (x[:1], x):
+                engine.backend.mode = "auto"
+                got, stats = engine(batch, return_stats=True)
+                engine.backend.mode = "instance"
+                want, want_stats = engine(batch, return_stats=True)
+                assert (stats["active"][:, 2] == 0).all()
+                assert torch.equal(stats["active"], want_stats["active"])
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not HAVE_GCONV, reason="no gconv kernel on this CPU: the engine runs block by block")
+def test_whole_network_concurrent_callers_and_copies():
+    """Calls from several Python threads at once (each takes its own workspace), and a deep copy."""
+    import copy
+    from concurrent.futures import ThreadPoolExecutor
+    model, x = calibrated("dyresnet20", (32, 32), 0.5, n=4)
+    engine = compile(model, backend="cpu")
+    with torch.no_grad():
+        want = [engine(x[i:i + 1]) for i in range(4)] + [engine(x)]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                got = list(pool.map(lambda i: engine(x[i:i + 1]) if i < 4 else engine(x), range(5)))
+                for g, w in zip(got, want):
+                    assert torch.equal(g, w)
+        assert torch.equal(copy.deepcopy(engine)(x), want[-1])
+
+
+@pytest.mark.skipif(not HAVE_GCONV, reason="no gconv kernel on this CPU: the engine runs block by block")
+def test_whole_network_rejects_bad_input():
+    model, x = calibrated("dyresnet20", (32, 32), 0.5, n=2)
+    engine = compile(model, backend="cpu")
+    net = engine.backend._network
+    with pytest.raises(RuntimeError, match=r"x must have shape \(N, Cin, H, W\)"):
+        net.forward(torch.zeros(2, 4, 32, 32))
+    with pytest.raises(RuntimeError, match="float32"):
+        net.forward(torch.zeros(2, 3, 32, 32, dtype=torch.float64))
 
 
 # Run in a child process: MANIDP_GCONV_ISA is read once per process.

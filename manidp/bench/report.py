@@ -246,6 +246,16 @@ def write_plot(report: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------- files and terminal
+def write_json_and_markdown(report: dict, markdown: str, stem: str) -> Tuple[str, str]:
+    """``STEM.json`` (``report``) and ``STEM.md`` (``markdown``), creating the directory; returns both paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    return stem + ".json", stem + ".md"
+
+
 def write_reports(report: dict, out_dir: str) -> Dict[str, str]:
     """``report.json``, ``report.md`` and ``report.png`` in ``out_dir``; returns their paths."""
     paths = {k: os.path.join(out_dir, f"report.{k}") for k in ("json", "md", "png")}

@@ -12,7 +12,7 @@ Contract of :meth:`Backend.block` (docs/DESIGN.md 7.1; every backend is tested a
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -60,6 +60,15 @@ class Backend:
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The layout of the block input this backend wants."""
         return x.contiguous()
+
+    def network(self, engine, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The whole forward in one native call, or ``None`` to let the engine run block by block.
+
+        Returns ``(logits, active)``: logits (N, classes) and the active counts (N, 2 * blocks)
+        int32 of every gate, in block order (gate 1, gate 2 of block 0, ...).  ``x`` is the
+        network input (N, Cin, H, W); the backend runs the stem and the classifier itself.
+        """
+        return None
 
     def block(self, blk, x: torch.Tensor) -> BlockResult:  # pragma: no cover - interface
         raise NotImplementedError(f"backend {self.name!r} does not implement block()")

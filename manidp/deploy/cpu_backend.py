@@ -39,7 +39,7 @@ class CpuBackend(Backend):
         return super().unavailable_reason(device, dtype)
 
     def prepare(self, engine) -> None:
-        """Cache the op's argument tuple per block (contiguous fp32 tensors, no copies if already so)."""
+        """Cache the op's argument tuple per block, and build the whole-network runner."""
         # The ImageNet stem (7x7 conv + max-pool on a large map) is much faster on channels-last
         # data; the CIFAR stem is faster as it is (benchmarks/results/cpu_design_notes.md).
         self._stem_channels_last = bool(engine.config["stem"].get("maxpool", False))
@@ -51,6 +51,24 @@ class CpuBackend(Backend):
                 gates += [f(gate.fc1), f(gate.fc2), f(gate.fc2_bias), f(gate.threshold).reshape(())]
             blk.cache["cpu"] = (f(blk.conv1.weight), f(blk.conv1.bias), f(blk.conv2.weight), f(blk.conv2.bias),
                                 *sc, *gates, float(blk.gate1.clamp_max), int(blk.stride))
+        self._network = _whole_network(engine) if torch.ops.manidp.gconv_isa() != "none" else None
+
+    def __getstate__(self):
+        # The native runner holds raw views of the engine's tensors: a copy of the engine builds
+        # its own from the copied tensors on first use.
+        state = dict(self.__dict__)
+        state["_network"] = None
+        return state
+
+    def network(self, engine, x: torch.Tensor):
+        """The whole forward in one native call (``mode="auto"`` with the gconv kernel), else ``None``."""
+        # Under torch.compile the engine runs block by block: the ops have fake kernels, the
+        # native runner has none.
+        if self.mode != "auto" or torch.ops.manidp.gconv_isa() == "none" or torch.compiler.is_compiling():
+            return None
+        if getattr(self, "_network", None) is None:
+            self._network = _whole_network(engine)
+        return self._network.forward(x.to(torch.float32))
 
     def prepare_stem_input(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_stem_channels_last", False):
@@ -60,6 +78,22 @@ class CpuBackend(Backend):
     def block(self, blk, x: torch.Tensor) -> BlockResult:
         args = blk.cache["cpu"]
         return BlockResult(*torch.ops.manidp.gated_block(x, *args, ops.MODES[self.mode]))
+
+
+def _whole_network(engine):
+    """``torch.classes.manidp.CpuNetwork`` over the engine's tensors (docs/DESIGN.md 7.7)."""
+    s = engine.config["stem"]
+    tensors, strides = [], []
+    empty = torch.empty(0)
+    for blk, (w1, b1, w2, b2, ws, bs, *gates, _clamp, stride) in zip(engine.blocks,
+                                                                    (b.cache["cpu"] for b in engine.blocks)):
+        tensors += [w1, b1, w2, b2, empty if ws is None else ws, empty if bs is None else bs, *gates]
+        strides.append(stride)
+    f = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
+    return torch.classes.manidp.CpuNetwork(f(engine.stem.weight), f(engine.stem.bias),
+                                           [int(s["stride"]), int(s["padding"]), int(bool(s["maxpool"]))],
+                                           tensors, strides, f(engine.fc.weight), f(engine.fc.bias),
+                                           float(engine.config["clamp_max"]))
 
 
 register_backend("cpu", CpuBackend)

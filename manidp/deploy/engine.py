@@ -459,17 +459,21 @@ class DynamicResNet(nn.Module):
             return self._forward(x, return_stats)
 
     def _forward(self, x: torch.Tensor, return_stats: bool):
+        whole = self.backend.network(self, x)
+        logits, active = whole if whole is not None else self._forward_blocks(x)
+        if not return_stats:
+            return logits
+        return logits, {"macs": self._instance_macs(active, tuple(x.shape[2:])), "active": active}
+
+    def _forward_blocks(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Stem, one backend call per block, classifier: logits and the (N, 2 * blocks) active counts."""
         h = self.backend.prepare_input(self._stem(x))
         counts = []
         for blk in self.blocks:
             res = self.backend.block(blk, h)
             h = res.out
             counts += [res.cnt1, res.cnt2]
-        logits = self._head(h)
-        if not return_stats:
-            return logits
-        active = torch.stack(counts, dim=1)
-        return logits, {"macs": self._instance_macs(active, tuple(x.shape[2:])), "active": active}
+        return self._head(h), torch.stack(counts, dim=1)
 
     def _instance_macs(self, active: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """(N,) float64 MACs per instance from the active counts (gates counted)."""

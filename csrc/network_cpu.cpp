@@ -1,0 +1,534 @@
+// The whole gated network in one native call: torch.classes.manidp.CpuNetwork (docs/DESIGN.md 7.7).
+//
+// The engine's per-block op (block_cpu.cpp) returns to Python after every block, and each call
+// pays for argument checks, tensor allocations and a fork/join of the thread pool per phase.
+// On the small maps of the CIFAR networks those fixed costs are as large as the convs.  This
+// class holds the network's weights once and runs stem, every block and the classifier in one
+// call:
+//  * batch > 1: the instances are split over the intra-op threads and each thread runs its
+//    instances through the whole network alone, so no thread waits for another between blocks
+//    and an instance's maps stay in that core's cache;
+//  * batch 1: the threads form one OpenMP team for the whole forward and split every conv's
+//    (pixel tile, row block) grid; the phases of a block are separated by team barriers, and the
+//    small serial steps (the gates) run on one thread.
+// The convs are gconv (gconv_cpu.cpp): conv1 on the active rows, conv2 on the active rows and
+// columns, the 1x1 shortcut as gconv's centre tap, all reading the weights in place.  Between
+// blocks the maps stay in gconv's stride-1 plane layout (each channel's rows between a zero row
+// above and below), which is conv1's input layout: only stride-2 blocks repack their input.
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#include "manidp_cpu.h"
+
+namespace manidp {
+namespace {
+
+constexpr int64_t kTaps = 9;
+constexpr int64_t kTensorsPerBlock = 14;  // w1 b1 w2 b2 ws bs, then fc1 fc2 bias threshold per gate
+
+using detail::GConvArgs;
+using detail::PlaneGeometry;
+
+// One block's weights (contiguous fp32, kept alive here) and raw views of its gates.
+struct BlockWeights {
+  int64_t cin = 0, c = 0, stride = 1;
+  at::Tensor w1, b1, w2, b2, ws, bs;  // ws/bs undefined: identity shortcut
+  at::Tensor gate_tensors[6];          // fc1, fc2, bias of gate 1, then of gate 2
+  at::Tensor threshold1, threshold2;   // read on every call: thresholds may be changed in place
+  detail::GateParams gate1, gate2;
+  bool has_shortcut() const { return ws.defined(); }
+};
+
+// Sizes of one block for the current input size.  Maps are stored as planes: channel ch's pixel q
+// of a map in geometry G is at ch * G.cstride + G.toff[4] + q.
+struct BlockShape {
+  int64_t h, w, ho, wo;
+  PlaneGeometry in_act;   // the block input as stored (stride-1 planes of the input map)
+  PlaneGeometry conv_in;  // conv1's and the shortcut's input: in_act, or phase planes at stride 2
+  PlaneGeometry out_act;  // conv2's input planes and the block output (stride-1 planes)
+  bool repacked() const { return conv_in.stride != 1; }
+  int64_t hw_in() const { return h * w; }
+  int64_t hw() const { return ho * wo; }
+};
+
+int64_t data_offset(const PlaneGeometry& g) { return g.toff[4]; }  // tap (1, 1) = the pixel itself
+
+// Zeroes everything but the pixels of channels [c0, c1) of planes `buf`: the zero rows and
+// slack that gconv reads as padding, whatever an earlier map of another size left there.
+void zero_borders(float* buf, const PlaneGeometry& g, int64_t c0, int64_t c1) {
+  const int64_t off = data_offset(g), end = off + g.ho * g.wo;
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    float* p = buf + ch * g.cstride;
+    std::fill(p, p + off, 0.f);
+    std::fill(p + end, p + g.cstride, 0.f);
+  }
+}
+
+// The threads that run one instance together: this thread's rank and the team size.
+struct Team {
+  int64_t rank = 0, size = 1;
+  bool leader() const { return rank == 0; }
+  int64_t begin(int64_t n) const { return n * rank / size; }
+  int64_t end(int64_t n) const { return n * (rank + 1) / size; }
+  void barrier() const {
+#ifdef _OPENMP
+    if (size > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+};
+
+// The four large buffers of a run (two block outputs, phase planes, conv2's input planes), carved
+// from one 64-byte aligned allocation.  Each starts at a different offset within a 4 KiB page:
+// a conv streams loads from one while storing into another, and two streams at the same page
+// offset make the CPU take loads for stores to the same address (4K aliasing), which slowed
+// whole forwards by up to 2x depending on where malloc happened to put the buffers.
+class Arena {
+ public:
+  static constexpr int kBuffers = 4;
+  float* operator[](int i) const { return base_ + offset_[i]; }
+  // Makes buffer i hold at least sizes[i] floats (contents are not kept when it grows).
+  void reserve(const int64_t (&sizes)[kBuffers]) {
+    int64_t offset[kBuffers], end = 0;
+    for (int i = 0; i < kBuffers; ++i) {
+      offset[i] = (end + kPage - 1) / kPage * kPage + i * kSkew;
+      end = offset[i] + sizes[i];
+    }
+    if (end > capacity_) {
+      memory_.reset(static_cast<float*>(std::aligned_alloc(64, ((end * 4 + 63) / 64) * 64)));
+      TORCH_CHECK(memory_, "manidp.CpuNetwork: out of memory for a ", end * 4, "-byte workspace");
+      base_ = memory_.get();
+      capacity_ = end;
+    }
+    std::copy(offset, offset + kBuffers, offset_);
+  }
+
+ private:
+  static constexpr int64_t kPage = 1024;  // floats: 4 KiB
+  static constexpr int64_t kSkew = 80;    // floats: 320 bytes, five cache lines
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> memory_;
+  float* base_ = nullptr;
+  int64_t capacity_ = 0, offset_[kBuffers] = {};
+};
+
+// Scratch memory of one instance run (shared by a team), reused across calls: fresh multi-MB
+// buffers on every call would cost page faults.
+struct Workspace {
+  Arena arena;  // act 0, act 1, phase planes, conv2's input planes
+  float* act(int i) const { return arena[i]; }
+  float* in_planes() const { return arena[2]; }
+  float* mid_planes() const { return arena[3]; }
+  std::vector<float> partial;
+  std::vector<float> pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
+  std::vector<int32_t> idx1, idx2, pos;
+  int32_t k1 = 0, k2 = 0;
+};
+
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+float mean_of(const float* p, int64_t n) { return detail::sum(p, n) / static_cast<float>(n); }
+
+at::Tensor owned(const at::Tensor& t) { return t.detach().to(at::kFloat).contiguous(); }
+
+class CpuNetwork : public torch::CustomClassHolder {
+ public:
+  // stem: (stride, padding, maxpool); blocks: kTensorsPerBlock tensors per block (ws and bs
+  // empty for an identity shortcut); strides: one per block.
+  CpuNetwork(const at::Tensor& stem_w, const at::Tensor& stem_b, std::vector<int64_t> stem,
+             std::vector<at::Tensor> blocks, std::vector<int64_t> strides, const at::Tensor& fc_w,
+             const at::Tensor& fc_b, double clamp_max) {
+    TORCH_CHECK(detail::gconv_available(), "manidp.CpuNetwork needs the gconv kernel (a CPU with AVX-512F or "
+                "AVX2 + FMA, and MANIDP_GCONV_ISA not off); got ISA '", detail::gconv_isa_name(), "'");
+    TORCH_CHECK(stem.size() == 3, "manidp.CpuNetwork: stem must be (stride, padding, maxpool); got ", stem.size(),
+                " values");
+    TORCH_CHECK(!strides.empty(), "manidp.CpuNetwork: the network needs at least one block");
+    TORCH_CHECK(blocks.size() == strides.size() * kTensorsPerBlock, "manidp.CpuNetwork: expected ",
+                kTensorsPerBlock, " tensors per block for ", strides.size(), " blocks; got ", blocks.size());
+    detail::check_tensor("CpuNetwork", "stem weight", stem_w, {-1, -1, -1, -1}, "(C0, Cin, k, k)");
+    stem_w_ = owned(stem_w);
+    stem_b_ = owned(stem_b);
+    stem_stride_ = stem[0];
+    stem_padding_ = stem[1];
+    stem_maxpool_ = stem[2] != 0;
+    int64_t cin = stem_w_.size(0);
+    for (size_t b = 0; b < strides.size(); ++b) {
+      blocks_.push_back(make_block(&blocks[b * kTensorsPerBlock], cin, strides[b], clamp_max));
+      cin = blocks_.back().c;
+    }
+    detail::check_tensor("CpuNetwork", "fc weight", fc_w, {-1, cin}, "(classes, C)");
+    fc_w_ = owned(fc_w);
+    fc_b_ = owned(fc_b);
+    detail::check_tensor("CpuNetwork", "fc bias", fc_b_, {fc_w_.size(0)}, "(classes,)");
+    rows_.resize(std::max<int64_t>(cin, 1));
+    std::iota(rows_.begin(), rows_.end(), 0);
+    for (const auto& B : blocks_) grow_rows(B.c);
+  }
+
+  // Logits (N, classes) and the active counts (N, 2 * blocks) int32 of x (N, Cin, H, W).
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x) {
+    const at::NoGradGuard no_grad;  // inference only: weights are held detached
+    detail::check_tensor("CpuNetwork.forward", "x", x, {-1, stem_w_.size(1), -1, -1}, "(N, Cin, H, W)");
+    TORCH_CHECK(x.size(0) >= 1, "manidp.CpuNetwork.forward: x must hold at least one image; got shape ", x.sizes());
+    const at::Tensor h0 = stem(x);
+    const int64_t n = h0.size(0);
+    const std::vector<BlockShape> shapes = block_shapes(h0.size(2), h0.size(3));
+    const std::vector<detail::GateParams> gates = current_gates();
+    at::Tensor logits = at::empty({n, fc_w_.size(0)}, x.options());
+    at::Tensor counts = at::empty({n, 2 * static_cast<int64_t>(blocks_.size())}, x.options().dtype(at::kInt));
+    const int64_t threads = at::get_num_threads();
+    const int64_t in_size = h0.size(1) * h0.size(2) * h0.size(3);
+    auto run = [&](int64_t i, Workspace& W, const Team& T) {
+      run_instance(h0.data_ptr<float>() + i * in_size, shapes, gates, W, T, logits.data_ptr<float>() + i * fc_w_.size(0),
+                   counts.data_ptr<int32_t>() + i * counts.size(1));
+    };
+    if (n == 1 && threads > 1) {
+      Lease lease(*this, shapes, threads);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+      run(0, lease.get(), Team{omp_get_thread_num(), omp_get_num_threads()});
+#else
+      run(0, lease.get(), Team{});
+#endif
+    } else {
+      at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+        Lease lease(*this, shapes, 1);
+        for (int64_t i = i0; i < i1; ++i) run(i, lease.get(), Team{});
+      });
+    }
+    return {logits, counts};
+  }
+
+ private:
+  // A workspace taken from the pool for one run and given back afterwards.
+  class Lease {
+   public:
+    Lease(CpuNetwork& net, const std::vector<BlockShape>& shapes, int64_t team) : net_(net) {
+      {
+        std::lock_guard<std::mutex> lock(net_.mutex_);
+        if (!net_.pool_.empty()) {
+          ws_ = std::move(net_.pool_.back());
+          net_.pool_.pop_back();
+        }
+      }
+      if (!ws_) ws_ = std::make_unique<Workspace>();
+      net_.size_workspace(*ws_, shapes, team);
+    }
+    ~Lease() {
+      std::lock_guard<std::mutex> lock(net_.mutex_);
+      net_.pool_.push_back(std::move(ws_));
+    }
+    Workspace& get() { return *ws_; }
+
+   private:
+    CpuNetwork& net_;
+    std::unique_ptr<Workspace> ws_;
+  };
+
+  BlockWeights make_block(const at::Tensor* t, int64_t cin, int64_t stride, double clamp_max) {
+    const char* op = "CpuNetwork";
+    TORCH_CHECK(stride == 1 || stride == 2, "manidp.CpuNetwork: block stride must be 1 or 2; got ", stride);
+    BlockWeights B;
+    B.cin = cin;
+    B.stride = stride;
+    detail::check_tensor(op, "w1", t[0], {-1, cin, 3, 3}, "(C, Cin, 3, 3)");
+    B.c = t[0].size(0);
+    detail::check_tensor(op, "b1", t[1], {B.c}, "(C,)");
+    detail::check_tensor(op, "w2", t[2], {B.c, B.c, 3, 3}, "(C, C, 3, 3)");
+    detail::check_tensor(op, "b2", t[3], {B.c}, "(C,)");
+    B.w1 = owned(t[0]);
+    B.b1 = owned(t[1]);
+    B.w2 = owned(t[2]);
+    B.b2 = owned(t[3]);
+    if (t[4].numel() > 0) {
+      detail::check_tensor(op, "ws", t[4], {B.c, cin, 1, 1}, "(C, Cin, 1, 1)");
+      detail::check_tensor(op, "bs", t[5], {B.c}, "(C,)");
+      B.ws = owned(t[4]);
+      B.bs = owned(t[5]);
+    } else {
+      TORCH_CHECK(stride == 1 && cin == B.c, "manidp.CpuNetwork: a block without a shortcut conv needs stride 1 "
+                  "and Cin == C; got stride ", stride, ", Cin ", cin, ", C ", B.c);
+    }
+    for (int i = 0; i < 3; ++i) {
+      B.gate_tensors[i] = owned(t[6 + i]);
+      B.gate_tensors[3 + i] = owned(t[10 + i]);
+    }
+    B.threshold1 = t[9].detach();
+    B.threshold2 = t[13].detach();
+    B.gate1 = detail::gate_params(op, "gate1", B.gate_tensors[0], B.gate_tensors[1], B.gate_tensors[2],
+                                  B.threshold1, clamp_max, cin, B.c);
+    B.gate2 = detail::gate_params(op, "gate2", B.gate_tensors[3], B.gate_tensors[4], B.gate_tensors[5],
+                                  B.threshold2, clamp_max, B.c, B.c);
+    return B;
+  }
+
+  void grow_rows(int64_t c) {
+    if (static_cast<int64_t>(rows_.size()) >= c) return;
+    rows_.resize(c);
+    std::iota(rows_.begin(), rows_.end(), 0);
+  }
+
+  // The dense stem on the whole batch (library conv; channels-last where it has a max-pool,
+  // the large ImageNet stem, which runs much faster in that layout), then ReLU.
+  at::Tensor stem(const at::Tensor& x) const {
+    at::Tensor in = stem_maxpool_ ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
+    at::Tensor y = at::conv2d(in, stem_w_, stem_b_, {stem_stride_, stem_stride_}, {stem_padding_, stem_padding_});
+    // max-pool before ReLU equals ReLU before max-pool (ReLU is monotonic) on a 4x smaller map
+    if (stem_maxpool_) y = at::max_pool2d(y, {3, 3}, {2, 2}, {1, 1});
+    return at::relu_(y).contiguous();
+  }
+
+  std::vector<BlockShape> block_shapes(int64_t h, int64_t w) const {
+    std::vector<BlockShape> shapes;
+    for (const auto& B : blocks_) {
+      BlockShape s;
+      s.h = h;
+      s.w = w;
+      s.ho = conv_out_size(h, 3, B.stride, 1);
+      s.wo = conv_out_size(w, 3, B.stride, 1);
+      TORCH_CHECK(s.ho >= 1 && s.wo >= 1, "manidp.CpuNetwork.forward: the input is too small for block ",
+                  shapes.size(), " (map ", h, "x", w, ")");
+      s.in_act = detail::plane_geometry(h, w, 1);
+      s.conv_in = B.stride == 1 ? s.in_act : detail::plane_geometry(h, w, B.stride);
+      s.out_act = detail::plane_geometry(s.ho, s.wo, 1);
+      shapes.push_back(s);
+      h = s.ho;
+      w = s.wo;
+    }
+    return shapes;
+  }
+
+  void size_workspace(Workspace& W, const std::vector<BlockShape>& shapes, int64_t team) const {
+    int64_t sizes[Arena::kBuffers] = {};
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      const BlockWeights& B = blocks_[b];
+      const BlockShape& s = shapes[b];
+      for (int i : {0, 1}) sizes[i] = std::max({sizes[i], B.c * s.out_act.cstride, B.cin * s.in_act.cstride});
+      if (s.repacked()) sizes[2] = std::max(sizes[2], B.cin * s.conv_in.cstride);
+      sizes[3] = std::max(sizes[3], B.c * s.out_act.cstride);
+      grow(W.partial, team * B.c);
+      for (auto* v : {&W.pooled_in, &W.pooled_mid, &W.g1, &W.g2, &W.hidden, &W.s1, &W.bias1, &W.s2, &W.bias2})
+        grow(*v, std::max(B.cin, B.c));
+      for (auto* v : {&W.idx1, &W.idx2, &W.pos}) grow(*v, B.c);
+      grow(W.hidden, std::max(B.gate1.hidden, B.gate2.hidden));
+    }
+    W.arena.reserve(sizes);
+  }
+
+  // Gate 1 and gate 2 of every block with the thresholds as they are now.
+  std::vector<detail::GateParams> current_gates() const {
+    std::vector<detail::GateParams> gates;
+    for (const auto& B : blocks_) {
+      gates.push_back(B.gate1);
+      gates.back().threshold = *B.threshold1.data_ptr<float>();
+      gates.push_back(B.gate2);
+      gates.back().threshold = *B.threshold2.data_ptr<float>();
+    }
+    return gates;
+  }
+
+  // One instance: its stem output x (C0, H0, W0) into planes, every block, the classifier.
+  void run_instance(const float* x, const std::vector<BlockShape>& shapes, const std::vector<detail::GateParams>& gates,
+                    Workspace& W, const Team& T, float* logits, int32_t* counts) const {
+    const PlaneGeometry& g0 = shapes.front().in_act;
+    const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
+    const float* in = W.act(1);
+    detail::pack_planes(g0, x + T.begin(c0) * hw0, hw0, T.end(c0) - T.begin(c0), W.act(1) + T.begin(c0) * g0.cstride);
+    T.barrier();
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      float* out = W.act(b % 2);
+      run_block(blocks_[b], gates[2 * b], gates[2 * b + 1], shapes[b], in, out, W, T, counts + 2 * b);
+      in = out;
+    }
+    if (T.leader()) head(in, shapes.back().out_act, W, logits);
+    T.barrier();
+  }
+
+  // Mean-pool of the last block's output planes and the classifier.
+  void head(const float* act, const PlaneGeometry& g, Workspace& W, float* logits) const {
+    const int64_t c = fc_w_.size(1), classes = fc_w_.size(0), hw = g.ho * g.wo;
+    for (int64_t ch = 0; ch < c; ++ch) W.pooled_in[ch] = mean_of(act + ch * g.cstride + data_offset(g), hw);
+    detail::matvec(fc_w_.data_ptr<float>(), W.pooled_in.data(), classes, c, logits);
+    const float* bias = fc_b_.data_ptr<float>();
+    for (int64_t k = 0; k < classes; ++k) logits[k] += bias[k];
+  }
+
+  // One gated block (docs/DESIGN.md 3.2) of one instance: x (Cin, H, W) -> out (C, Ho, Wo).
+  void run_block(const BlockWeights& B, const detail::GateParams& g1, const detail::GateParams& g2,
+                 const BlockShape& s, const float* x, float* out, Workspace& W, const Team& T, int32_t* counts) const {
+    // Phase 1: pooled input for gate 1; at stride 2, conv1's phase planes; zero borders of the
+    // planes conv1 and conv2 write (they write pixels only; the borders are conv2's and the next
+    // block's padding).
+    const int64_t j0 = T.begin(B.cin), j1 = T.end(B.cin);
+    const int64_t in_cs = s.in_act.cstride, in_off = data_offset(s.in_act);
+    for (int64_t ch = j0; ch < j1; ++ch) W.pooled_in[ch] = mean_of(x + ch * in_cs + in_off, s.hw_in());
+    if (s.repacked())
+      detail::pack_planes(s.conv_in, x + j0 * in_cs + in_off, in_cs, j1 - j0, W.in_planes() + j0 * s.conv_in.cstride);
+    zero_borders(W.mid_planes(), s.out_act, T.begin(B.c), T.end(B.c));
+    zero_borders(out, s.out_act, T.begin(B.c), T.end(B.c));
+    T.barrier();
+    // Phase 2: gate 1.
+    if (T.leader()) gate1(B, g1, W, counts);
+    T.barrier();
+    // Phase 3: conv1 on the active rows into conv2's planes, and the 1x1 shortcut into out.
+    float* partial = W.partial.data() + T.rank * B.c;
+    std::fill(partial, partial + B.c, 0.f);
+    const float* conv_in = s.repacked() ? W.in_planes() : x;
+    if (W.k1 > 0) detail::gconv_part(conv1_args(B, s, W, conv_in), T.rank, T.size, partial);
+    if (B.has_shortcut()) detail::gconv_part(shortcut_args(B, s, conv_in, out), T.rank, T.size, nullptr);
+    T.barrier();
+    // Phase 4: gate 2 on conv1's pooled output.
+    if (T.leader()) gate2(B, g2, s, W, T.size, counts);
+    T.barrier();
+    // Phase 5: conv2 on the active rows and columns, added to the shortcut; the other channels.
+    const float* res = B.has_shortcut() ? out : x;
+    if (W.k1 > 0 && W.k2 > 0) detail::gconv_part(conv2_args(B, s, W, out, res), T.rank, T.size, nullptr);
+    finish_channels(B, s, W, out, res, T.begin(B.c), T.end(B.c));
+    T.barrier();
+  }
+
+  void gate1(const BlockWeights& B, const detail::GateParams& gate, Workspace& W, int32_t* counts) const {
+    W.k1 = detail::gate_one(gate, W.pooled_in.data(), W.g1.data(), W.idx1.data(), W.hidden.data());
+    counts[0] = W.k1;
+    const float* b1 = B.b1.data_ptr<float>();
+    for (int32_t j = 0; j < W.k1; ++j) {
+      W.s1[j] = W.g1[W.idx1[j]];
+      W.bias1[j] = b1[W.idx1[j]];
+    }
+  }
+
+  void gate2(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, Workspace& W, int64_t parts,
+             int32_t* counts) const {
+    std::fill(W.pooled_mid.begin(), W.pooled_mid.begin() + B.c, 0.f);
+    const float inv = 1.f / static_cast<float>(s.hw());
+    for (int32_t j = 0; j < W.k1; ++j) {
+      float acc = 0.f;
+      for (int64_t p = 0; p < parts; ++p) acc += W.partial[p * B.c + j];
+      W.pooled_mid[W.idx1[j]] = acc * inv;
+    }
+    W.k2 = detail::gate_one(gate, W.pooled_mid.data(), W.g2.data(), W.idx2.data(), W.hidden.data());
+    counts[1] = W.k2;
+    std::fill(W.pos.begin(), W.pos.begin() + B.c, -1);
+    const float* b2 = B.b2.data_ptr<float>();
+    for (int32_t k = 0; k < W.k2; ++k) {
+      const int32_t ch = W.idx2[k];
+      W.pos[ch] = k;
+      W.s2[k] = W.g2[ch];
+      W.bias2[k] = b2[ch];
+    }
+  }
+
+  // conv1: relu(g1 * (W1[A1] x + b1)) written to the pixels of conv2's input planes.
+  GConvArgs conv1_args(const BlockWeights& B, const BlockShape& s, Workspace& W, const float* in) const {
+    GConvArgs c;
+    c.in = in;
+    c.geom = s.conv_in;
+    c.nch = B.cin;
+    c.weight = B.w1.data_ptr<float>();
+    c.ldw = B.cin * kTaps;
+    c.rows = W.idx1.data();
+    c.m = W.k1;
+    c.bias = W.bias1.data();
+    c.scale = W.s1.data();
+    c.out = W.mid_planes();
+    c.out_chan_stride = s.out_act.cstride;
+    c.out_offset = data_offset(s.out_act);
+    return c;
+  }
+
+  // The 1x1 shortcut conv (every channel, no ReLU): the centre tap of the block's input planes.
+  GConvArgs shortcut_args(const BlockWeights& B, const BlockShape& s, const float* in, float* out) const {
+    GConvArgs c;
+    c.in = in;
+    c.geom = s.conv_in;
+    c.nch = B.cin;
+    c.weight = B.ws.data_ptr<float>();
+    c.ldw = B.cin;
+    c.rows = rows_.data();
+    c.m = B.c;
+    c.bias = B.bs.data_ptr<float>();
+    c.out = out;
+    c.out_chan_stride = s.out_act.cstride;
+    c.out_offset = data_offset(s.out_act);
+    c.taps = 1;
+    c.relu = false;
+    return c;
+  }
+
+  // conv2: out[A2] = relu(res[A2] + g2 * (W2[A2, A1] a + b2)).
+  GConvArgs conv2_args(const BlockWeights& B, const BlockShape& s, Workspace& W, float* out,
+                       const float* res) const {
+    GConvArgs c;
+    c.in = W.mid_planes();
+    c.geom = s.out_act;
+    c.nch = W.k1;
+    c.weight = B.w2.data_ptr<float>();
+    c.ldw = B.c * kTaps;
+    c.rows = W.idx2.data();
+    c.cols = W.idx1.data();
+    c.m = W.k2;
+    c.bias = W.bias2.data();
+    c.scale = W.s2.data();
+    c.out = out;
+    c.residual = res;
+    c.out_chans = W.idx2.data();
+    c.out_chan_stride = s.out_act.cstride;
+    c.out_offset = data_offset(s.out_act);
+    return c;
+  }
+
+  // Channels [c0, c1) that conv2 did not write: relu(res) where gate 2 is closed, and
+  // relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0).
+  void finish_channels(const BlockWeights& B, const BlockShape& s, const Workspace& W, float* out,
+                       const float* res, int64_t c0, int64_t c1) const {
+    const int64_t hw = s.hw(), cs = s.out_act.cstride, off = data_offset(s.out_act);
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int32_t k = W.pos[ch];
+      if (k >= 0 && W.k1 > 0) continue;
+      const float add = k >= 0 ? W.s2[k] * W.bias2[k] : 0.f;
+      float* o = out + ch * cs + off;
+      const float* r = res + ch * cs + off;
+      for (int64_t i = 0; i < hw; ++i) {
+        const float v = r[i] + add;
+        o[i] = v < 0.f ? 0.f : v;  // NaN passes through, as torch.relu
+      }
+    }
+  }
+
+  at::Tensor stem_w_, stem_b_, fc_w_, fc_b_;
+  int64_t stem_stride_ = 1, stem_padding_ = 1;
+  bool stem_maxpool_ = false;
+  std::vector<BlockWeights> blocks_;
+  std::vector<int32_t> rows_;  // 0, 1, 2, ...: the shortcut conv's rows
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Workspace>> pool_;
+};
+
+}  // namespace
+
+void register_cpu_network(torch::Library& m) {
+  m.class_<CpuNetwork>("CpuNetwork")
+      .def(torch::init<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<at::Tensor>, std::vector<int64_t>,
+                       at::Tensor, at::Tensor, double>())
+      .def("forward", &CpuNetwork::forward);
+}
+
+}  // namespace manidp
