@@ -1,32 +1,57 @@
 """Real-data comparison on Fashion-MNIST: dense, ManiDP, ManiDP without the manifold term
-(FBS-like), and a static channel-pruned network of the same FLOPs.
+(FBS-like) and static channel-pruned networks; and the remain-rate schedule ablation.
 
-Every run goes through ``manidp.train.train`` (the ``manidp-train`` code path);
-the static baseline is the narrow network cut from the dense one by filter L1
-norm (``manidp.static_pruning``: each block keeps fewer channels inside, the
-residual width stays) and fine-tuned with the same epochs, batch size and
-learning-rate schedule as the ManiDP runs.  Each finished run is skipped when
-the script is started again, so an interrupted pipeline continues where it
-stopped.  ManiDP models are compiled into engines, evaluated on the test split
-with the deployed engine, and timed with ``manidp-bench`` against the fastest
-dense runtime of the run (PyTorch, ONNX Runtime, OpenVINO, the engine with every
-gate open) on this machine.
+This script only orchestrates.  Every run is a ``manidp-train`` child process, the
+command a user would type, so one trainer (one loop, gradient clipping, weight-decay
+groups, learning-rate schedule and data pipeline) trains every method, and each run
+can be reproduced by hand from its command line.  A child process also returns its
+memory when it ends and leaves no state behind in this one.  Runs, under ``--runs``::
 
-``python benchmarks/fashion_mnist.py summarize OUT.md RESULT.json...`` merges
-result files into one Markdown table.
+    {arch}_s{seed}/dense             the dense baseline (--dense)
+    {arch}_s{seed}/manidp_t{t}       ManiDP at target remain rate t
+    {arch}_s{seed}/fbs_t{t}          ManiDP without the manifold term (--lambda_graph 0)
+    {arch}_s{seed}/static_t{t}       static L1 pruning to the MACs ManiDP run t reached,
+                                     gates counted (--static_target_macs)
+    {arch}_s{seed}/static_k{k}       static L1 pruning at keep ratio k (--static-keeps;
+                                     --static_keep)
+    {arch}_s{seed}/manidp_t{t}_f{F}  ManiDP reaching t at fraction F of the epochs (--ablation)
 
-Example (the schedule of the committed CPU results)::
+A run whose directory holds ``last.pth`` is finished: it is skipped, once its recorded
+settings are checked against the ones asked for (a mismatch stops the script).  Any
+other run is started with ``--resume``, so a killed run continues from its last
+checkpoint and ``manidp-train`` refuses one defined differently.  Each run's output
+goes to ``{run}.out`` beside its directory.  Static runs and the ManiDP runs share
+epochs, learning rate and batch size, and all start from the seed's dense run.
 
+ManiDP and FBS-like models are compiled into engines, evaluated on the test split with
+the deployed engine, and timed with ``manidp-bench`` (skip with ``--no-timing``) against
+the fastest dense runtime of the run on this machine.
+
+Examples::
+
+    # the schedule of the committed CPU results (10,000 training images)
     python benchmarks/fashion_mnist.py --arch resnet20 --seeds 1 --train-subset 10000 \\
-        --dense-epochs 12 --epochs 6 --targets 0.6,0.5 --runs /work/runs \\
+        --dense-epochs 12 --epochs 6 --targets 0.6,0.5 --runs runs/fm \\
         --out benchmarks/results/fashion_mnist_resnet20.json
+
+    # full data: dense 15 epochs at lr 0.1, ManiDP/FBS-like/static 10 epochs at lr 0.05,
+    # with a static frontier at three more widths
+    python benchmarks/fashion_mnist.py --arch resnet20 --seeds 1,2 --dense-epochs 15 --epochs 10 \\
+        --targets 0.6,0.5 --fbs-targets 0.6 --static-keeps 0.35,0.5,0.75 --runs runs/fm_full \\
+        --out benchmarks/results/fashion_mnist_full_resnet20.json
+
+    # the schedule ablation: ResNet-20, 10,000 training images, target 0.6, seeds 1 and 2,
+    # target reached at the last epoch vs at 60% of the epochs
+    python benchmarks/fashion_mnist.py --ablation --runs runs/fm
+
+    # merge result files into one Markdown table
+    python benchmarks/fashion_mnist.py summarize OUT.md RESULT.json...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -35,110 +60,164 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
+import manidp
 from manidp.bench.environment import cpu_model
-from manidp.data import build_dataset, eval_batches, train_batches
+from manidp.checkpoint import read_checkpoint
+from manidp.data import build_dataset, eval_batches
 from manidp.deploy import compile
-from manidp.flops import dense_macs
-from manidp.models import build_model, load_dense_state_dict
-from manidp.static_pruning import keep_for_target_macs, static_pruned_like
-from manidp.train import cosine_lr, train
+from manidp.train import build_parser as train_parser, defining_arg_differences
+
+# Settings of the schedule ablation (--ablation), where the command line does not give them.
+ABLATION_DEFAULTS = {"seeds": "1,2", "targets": "0.6", "train_subset": 10000, "target_epoch_fracs": "1.0,0.6",
+                     "out": "benchmarks/results/fashion_mnist_schedule_ablation.json"}
+PIPELINE_DEFAULTS = {"seeds": "1", "targets": "0.6,0.5", "train_subset": None, "target_epoch_fracs": "1.0",
+                     "out": "benchmarks/results/fashion_mnist.json"}
+STATIC_METHOD = "static (L1, uniform)"
+
+
+class RunError(RuntimeError):
+    """A training run failed, or a finished run was trained with other settings than asked for."""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Options; those left unset take the defaults of the mode (ABLATION_DEFAULTS or PIPELINE_DEFAULTS)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ablation", action="store_true",
+                   help="the remain-rate schedule ablation: ManiDP runs reaching the target at each of "
+                        "--target-epoch-fracs of the epochs (no FBS-like, static, engine or timing runs)")
     p.add_argument("--arch", default="resnet20", help="dense architecture name (resnet20, resnet56, ...)")
-    p.add_argument("--seeds", default="1", help="comma-separated seeds")
-    p.add_argument("--targets", default="0.6,0.5", help="ManiDP target remain rates")
+    p.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "synthetic"),
+                   help="synthetic: generated images, for testing this script")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 1; ablation 1,2)")
+    p.add_argument("--targets", default=None, help="ManiDP target remain rates (default 0.6,0.5; ablation 0.6)")
     p.add_argument("--fbs-targets", default=None,
                    help="targets of the no-manifold runs (default: all ManiDP targets; 'none' for no run)")
-    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--static-keeps", default=None,
+                   help="keep ratios of extra static runs (static_k{keep}), e.g. 0.35,0.5,0.75")
+    p.add_argument("--target-epoch-fracs", default=None,
+                   help="ablation: fractions of the epochs at which the remain rate reaches the target "
+                        "(default 1.0,0.6)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (default all; ablation 10000)")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--dense-epochs", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=6, help="epochs of each ManiDP / FBS / static run")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of each ManiDP / FBS-like / static run")
     p.add_argument("--dense-lr", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of each ManiDP / FBS-like / static run")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lambda-lasso", type=float, default=5e-3)
     p.add_argument("--lambda-graph", type=float, default=1.0)
     p.add_argument("--runs", default="runs/fashion_mnist", help="directory of the training runs")
-    p.add_argument("--out", default="benchmarks/results/fashion_mnist.json")
+    p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it in --ablation)")
     p.add_argument("--no-timing", action="store_true", help="skip the manidp-bench timing of engines")
     p.add_argument("--bench-iters", type=int, default=30)
     p.add_argument("--bench-threads", type=int, default=None,
                    help="CPU threads of the manidp-bench timing (default: torch's choice)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in (ABLATION_DEFAULTS if args.ablation else PIPELINE_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
-def common(args, seed: int) -> dict:
-    return dict(dataset="fashion-mnist", ngpu=0, batch_size=args.batch_size, train_subset=args.train_subset,
-                test_subset=args.test_subset, manualSeed=seed, quiet=True)
+def _floats(text: Optional[str]) -> List[float]:
+    """``"0.6,0.5"`` -> ``[0.6, 0.5]``; ``None``, ``""`` and ``"none"`` -> ``[]``."""
+    if not text or text == "none":
+        return []
+    return [float(v) for v in text.split(",")]
 
 
-def run_or_load(save_path: str, **kwargs) -> dict:
-    """Train unless ``save_path`` already holds a finished run; return its final log line."""
-    log = os.path.join(save_path, "log.jsonl")
-    done = os.path.join(save_path, "last.pth")
-    if not os.path.isfile(done):
-        t0 = time.time()
-        train(save_path=save_path, resume=True, **kwargs)  # continues a killed run, else starts fresh
-        print(f"  trained {save_path} in {time.time() - t0:.0f}s", flush=True)
-    with open(log) as f:
-        lines = [json.loads(l) for l in f if l.strip()]
-    return lines[-1]
+# ----------------------------------------------------------------------------- manidp-train runs
+def common_flags(args, seed: int) -> List[str]:
+    """``manidp-train`` flags every run of a seed shares (data, batch, seed, CPU)."""
+    flags = ["--dataset", args.dataset, "--ngpu", "0", "--batch_size", str(args.batch_size),
+             "--manualSeed", str(seed)]
+    if args.train_subset is not None:
+        flags += ["--train_subset", str(args.train_subset)]
+    if args.test_subset is not None:
+        flags += ["--test_subset", str(args.test_subset)]
+    return flags
 
 
-def finetune_static(args, seed: int, dense_ckpt: str, target_frac: float, save_path: str) -> dict:
-    """Cut a static narrow network of ``target_frac`` x dense MACs from the dense model, fine-tune it."""
-    result_file = os.path.join(save_path, "result.json")
-    if os.path.isfile(result_file):
-        with open(result_file) as f:
-            return json.load(f)
-    os.makedirs(save_path, exist_ok=True)
-    torch.manual_seed(seed)
-    data = build_dataset("fashion-mnist", train_subset=args.train_subset, test_subset=args.test_subset)
-    dense = build_model(args.arch, num_classes=10, in_channels=data.info.in_channels)
-    ckpt = torch.load(dense_ckpt, map_location="cpu", weights_only=True)
-    load_dense_state_dict(dense, ckpt["state_dict"])
-    size = data.info.input_size
-    keep = keep_for_target_macs(dense, target_frac, size)
-    net = static_pruned_like(dense, keep)
-    decay, rest = [], []
-    for name, p in net.named_parameters():
-        (rest if p.dim() == 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 5e-4}],
-                          lr=args.lr, momentum=0.9, nesterov=True)
-    steps = math.ceil(len(data.train) / args.batch_size)
-    total, it = steps * args.epochs, 0
-    for epoch in range(args.epochs):
-        net.train()
-        for x, y in train_batches(data.train, epoch, args.batch_size, seed):
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(args.lr, it, total)
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            it += 1
-    top1 = accuracy(net, data.test)
-    macs = net.macs(size)
-    res = {"top1": top1, "flops_reduction": 1 - macs / dense_macs(dense, size), "keep": keep,
-           "macs": macs, "epochs": args.epochs}
-    with open(result_file, "w") as f:
-        json.dump(res, f)
-    return res
+def dense_flags(args) -> List[str]:
+    return ["--arch", args.arch, "--dense", "--epochs", str(args.dense_epochs), "--lr", str(args.dense_lr)]
 
 
-@torch.no_grad()
-def accuracy(net, test_ds) -> float:
-    net.eval()
-    correct = total = 0
-    for x, y in eval_batches(test_ds, 500):
-        correct += int((net(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
+def gated_flags(args, dense_ckpt: str, target: float, lambda_graph: float, frac: float = 1.0) -> List[str]:
+    """A ManiDP run (FBS-like with ``lambda_graph`` 0) from the dense checkpoint; ``frac``: --target_epoch_frac."""
+    flags = ["--arch", "dy" + args.arch, "--pretrain_path", dense_ckpt, "--target_remain_rate", str(target),
+             "--lambda_lasso", str(args.lambda_lasso), "--lambda_graph", str(lambda_graph),
+             "--epochs", str(args.epochs), "--lr", str(args.lr)]
+    if frac != 1.0:  # 1.0 is manidp-train's default: leave it out, as a hand-typed command would
+        flags += ["--target_epoch_frac", str(frac)]
+    return flags
 
 
+def static_flags(args, dense_ckpt: str, flag: str, value: float) -> List[str]:
+    """A static run cut from the dense checkpoint (``flag``: --static_keep or --static_target_macs)."""
+    return ["--arch", args.arch, "--pretrain_path", dense_ckpt, flag, str(value),
+            "--epochs", str(args.epochs), "--lr", str(args.lr)]
+
+
+def manidp_train(save_path: str, flags: List[str]) -> dict:
+    """Train ``save_path`` with ``manidp-train FLAGS`` unless it holds a finished run; return :func:`finished_run`."""
+    save_path = os.path.abspath(save_path)
+    flags = flags + ["--save_path", save_path, "--resume", "--quiet"]
+    last = os.path.join(save_path, "last.pth")
+    if os.path.isfile(last):
+        result = finished_run(last)
+        check_settings(save_path, flags, result["args"])
+        print(f"  finished already: {save_path}", flush=True)
+        return result
+    os.makedirs(os.path.dirname(save_path), exist_ok=True)
+    t0 = time.time()
+    code = run_child(flags, save_path + ".out")
+    if code != 0:
+        raise RunError(f"manidp-train exited with code {code} for {save_path}: {_last_line(save_path + '.out')}")
+    print(f"  trained {save_path} in {time.time() - t0:.0f}s", flush=True)
+    return finished_run(last)
+
+
+def run_child(flags: List[str], log: str) -> int:
+    """``python -m manidp.train FLAGS`` with its output appended to ``log``; its exit code."""
+    with open(log, "a") as out:
+        return subprocess.run([sys.executable, "-m", "manidp.train", *flags], stdout=out,
+                              stderr=subprocess.STDOUT, env=_child_env()).returncode
+
+
+def _child_env() -> dict:
+    """Environment of a ``manidp-train`` child: it imports the same ``manidp`` package as this script."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(manidp.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _last_line(path: str) -> str:
+    """The last non-empty line of a text file (a child's error message)."""
+    with open(path, errors="replace") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def finished_run(last: str) -> dict:
+    """Final metrics of the run whose ``last.pth`` is ``last``, with its arguments and (static runs) widths."""
+    ckpt = read_checkpoint(last)
+    metrics = ckpt["state"]["metrics"]
+    return {"top1": metrics["top1"], "flops_reduction": metrics["flops_reduction"], "macs": metrics["mean_macs"],
+            "dense_macs": metrics["dense_macs"], "epochs": ckpt["args"]["epochs"], "widths": ckpt.get("widths"),
+            "args": ckpt["args"], "checkpoint": last}
+
+
+def check_settings(save_path: str, flags: List[str], saved_args: dict) -> None:
+    """RunError unless the finished run in ``save_path`` was trained with the settings ``flags`` ask for."""
+    diffs = defining_arg_differences(train_parser().parse_args(flags), saved_args)
+    if diffs:
+        raise RunError(f"{save_path} holds a finished run with other settings: {'; '.join(diffs)}; "
+                       "use another --runs directory")
+
+
+# ----------------------------------------------------------------------------- engines
 @torch.no_grad()
 def evaluate_engine(engine, test_ds) -> dict:
     """Top-1 (%) and MACs of ``engine`` on a test split, as the engine reports them (gates counted)."""
@@ -169,7 +248,7 @@ def bench_engine(ckpt: str, out_dir: str, iters: int, threads: Optional[int] = N
            "--batch-sizes", "1,32", "--iters", str(iters), "--out", out_dir]
     if threads:
         cmd += ["--threads", str(threads)]
-    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=_child_env()).returncode != 0:
         return None
     with open(os.path.join(out_dir, "report.json")) as f:
         report = json.load(f)
@@ -187,13 +266,92 @@ def extract_speedups(report: dict) -> dict:
     return {str(row["batch_size"]): {k: row.get(k) for k in keys} for row in report.get("summary", [])}
 
 
+# ----------------------------------------------------------------------------- one seed
+def run_dense(args, seed: int, base: str) -> dict:
+    """The seed's dense run and its row."""
+    r = manidp_train(f"{base}/dense", common_flags(args, seed) + dense_flags(args))
+    return {"arch": args.arch, "method": "dense", "seed": seed, "top1": r["top1"], "flops_reduction": 0.0,
+            "epochs": r["epochs"]}
+
+
+def run_gated(args, seed: int, base: str, target: float, lambda_graph: float, frac: float = 1.0) -> dict:
+    """A ManiDP (or, with ``lambda_graph`` 0, FBS-like) run from the seed's dense checkpoint, and its row."""
+    tag = "manidp" if lambda_graph else "fbs"
+    run_dir = f"{base}/{tag}_t{target}" + ("" if frac == 1.0 else f"_f{frac}")
+    flags = common_flags(args, seed) + gated_flags(args, _dense_ckpt(base), target, lambda_graph, frac)
+    r = manidp_train(run_dir, flags)
+    return {"arch": args.arch, "method": "manidp" if lambda_graph else "no-manifold (FBS-like)", "seed": seed,
+            "target_remain_rate": target, "target_epoch_frac": frac, "top1": r["top1"],
+            "flops_reduction": r["flops_reduction"], "epochs": r["epochs"], "checkpoint": r["checkpoint"]}
+
+
+def run_static(args, seed: int, base: str, matched: Optional[dict] = None, keep: Optional[float] = None) -> dict:
+    """A static run: to the MACs of the ManiDP row ``matched`` (static_t{t}), or at keep ratio ``keep``."""
+    if matched is not None:
+        target = matched["target_remain_rate"]
+        # Gates cost MACs: a run too short to close channels can cost more than dense.
+        frac = min(1.0 - matched["flops_reduction"], 1.0)
+        run_dir, flags = f"{base}/static_t{target}", static_flags(args, _dense_ckpt(base), "--static_target_macs", frac)
+        extra = {"matched_to_target": target, "speedups": matched.get("speedups"),
+                 **{k: matched[k] for k in ("bench_cpu", "bench_threads", "bench_kernel") if k in matched}}
+    else:
+        run_dir, flags = f"{base}/static_k{keep}", static_flags(args, _dense_ckpt(base), "--static_keep", keep)
+        extra = {"keep": keep}
+    r = manidp_train(run_dir, common_flags(args, seed) + flags)
+    return {"arch": args.arch, "method": STATIC_METHOD, "seed": seed, "top1": r["top1"],
+            "flops_reduction": r["flops_reduction"], "macs": r["macs"], "widths": r["widths"], "epochs": r["epochs"],
+            **extra}
+
+
+def _dense_ckpt(base: str) -> str:
+    return os.path.abspath(f"{base}/dense/last.pth")
+
+
+def pipeline_seed(args, seed: int, data) -> List[dict]:
+    """Every run of one seed (dense, ManiDP, FBS-like, static), with engine evaluation and timing."""
+    base = os.path.join(args.runs, f"{args.arch}_s{seed}")
+    rows = [run_dense(args, seed, base)]
+    targets = _floats(args.targets)
+    fbs_targets = targets if args.fbs_targets is None else _floats(args.fbs_targets)
+    runs = [(t, args.lambda_graph) for t in targets] + [(t, 0.0) for t in fbs_targets]
+    for target, lambda_graph in runs:
+        row = run_gated(args, seed, base, target, lambda_graph)
+        row.update(engine_eval(row["checkpoint"], data))
+        if not args.no_timing:
+            run_dir = os.path.dirname(row["checkpoint"])
+            row.update(bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters, args.bench_threads)
+                       or {})
+        rows.append(row)
+    for target in targets:
+        matched = next(r for r in rows if r["method"] == "manidp" and r["target_remain_rate"] == target)
+        rows.append(run_static(args, seed, base, matched=matched))
+    for keep in _floats(args.static_keeps):
+        rows.append(run_static(args, seed, base, keep=keep))
+    return rows
+
+
+def ablation_seed(args, seed: int) -> List[dict]:
+    """The schedule ablation of one seed: the dense run, then ManiDP at every (target, fraction)."""
+    base = os.path.join(args.runs, f"{args.arch}_s{seed}")
+    rows = [run_dense(args, seed, base)]
+    for target in _floats(args.targets):
+        for frac in _floats(args.target_epoch_fracs):
+            rows.append(run_gated(args, seed, base, target, args.lambda_graph, frac))
+    return rows
+
+
+# ----------------------------------------------------------------------------- result files
 def _row_key(r: dict) -> tuple:
-    return (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"))
+    return (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"),
+            r.get("keep"), r.get("target_epoch_frac", 1.0))
 
 
 def _target(r: dict) -> str:
     if "target_remain_rate" in r:
-        return f"{r['target_remain_rate']}"
+        frac = r.get("target_epoch_frac", 1.0)
+        return f"{r['target_remain_rate']}" + ("" if frac == 1.0 else f", reached at {frac:.0%} of the epochs")
+    if r.get("keep") is not None:
+        return f"keep {r['keep']}"
     return "-" if r.get("matched_to_target") is None else f"FLOPs of ManiDP {r['matched_to_target']}"
 
 
@@ -223,7 +381,7 @@ def _order(r: dict) -> tuple:
     return (r["arch"], -r["flops_reduction"] if r["method"] != "dense" else 1, r["method"], r["seed"])
 
 
-def summarize(json_files: List[str], out_md: str) -> None:
+def summarize(json_files: List[str], out_md: str, title: str = "Fashion-MNIST comparison") -> None:
     """Merge result files of several invocations into Markdown: one line per run, then the mean
     and spread over seeds of each (arch, method, target)."""
     rows: List[dict] = []
@@ -256,7 +414,7 @@ def summarize(json_files: List[str], out_md: str) -> None:
                    f"{_mean_spread([100 * r['flops_reduction'] for r in rs])} | "
                    f"{_mean_spread(sp) + 'x' if sp else '-'} |")
     with open(out_md, "w") as f:
-        f.write("# Fashion-MNIST comparison\n\n"
+        f.write(f"# {title}\n\n"
                 "Mean ± half the range over seeds (one seed: the value):\n\n" + "\n".join(agg) + "\n\n"
                 "Every run:\n\n" + "\n".join(runs) + "\n\n"
                 "CPU speedup: `manidp-bench` on the run's checkpoint with Fashion-MNIST test images, over the "
@@ -267,6 +425,16 @@ def summarize(json_files: List[str], out_md: str) -> None:
                 f"Sources: {', '.join(json_files)}\n")
 
 
+def write(args, rows: List[dict]) -> None:
+    """The result JSON: environment, settings and one row per run."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    env = {"machine": platform.processor() or platform.machine(), "cpu": cpu_model() or "unknown CPU",
+           "cpu_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    with open(args.out, "w") as f:
+        json.dump({"environment": env, "settings": vars(args), "rows": rows}, f, indent=1)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summarize":  # summarize OUT.md RESULT.json...
@@ -274,58 +442,20 @@ def main(argv=None) -> int:
         return 0
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    targets = [float(t) for t in args.targets.split(",")]
-    fbs_targets = targets if args.fbs_targets is None else \
-        [] if args.fbs_targets == "none" else [float(t) for t in args.fbs_targets.split(",")]
-    gated = "dy" + args.arch
+    data = None if args.ablation else build_dataset(args.dataset, train_subset=args.train_subset,
+                                                    test_subset=args.test_subset)
     rows: List[dict] = []
-    data = build_dataset("fashion-mnist", train_subset=args.train_subset, test_subset=args.test_subset)
-    for seed in seeds:
-        base = os.path.join(args.runs, f"{args.arch}_s{seed}")
-        dense_dir = f"{base}/dense"
-        d = run_or_load(dense_dir, arch=args.arch, dense=True, epochs=args.dense_epochs, lr=args.dense_lr,
-                        **common(args, seed))
-        rows.append({"arch": args.arch, "method": "dense", "seed": seed, "top1": d["top1"],
-                     "flops_reduction": 0.0, "epochs": args.dense_epochs})
-        dense_ckpt = f"{dense_dir}/last.pth"
-        for method, lam, tlist in (("manidp", args.lambda_graph, targets), ("no-manifold (FBS-like)", 0.0, fbs_targets)):
-            for t in tlist:
-                tag = "manidp" if lam else "fbs"
-                run_dir = f"{base}/{tag}_t{t}"
-                r = run_or_load(run_dir, arch=gated, pretrain_path=dense_ckpt, target_remain_rate=t,
-                                lambda_lasso=args.lambda_lasso, lambda_graph=lam, epochs=args.epochs,
-                                lr=args.lr, **common(args, seed))
-                row = {"arch": args.arch, "method": method, "seed": seed, "target_remain_rate": t,
-                       "top1": r["top1"], "flops_reduction": r["flops_reduction"], "epochs": args.epochs,
-                       "checkpoint": f"{run_dir}/last.pth"}
-                row.update(engine_eval(row["checkpoint"], data))
-                if not args.no_timing:
-                    timing = bench_engine(row["checkpoint"], f"{run_dir}/bench", args.bench_iters, args.bench_threads)
-                    if timing:
-                        row.update(timing)
-                rows.append(row)
-        for t in targets:
-            ref = next(r for r in rows if r["method"] == "manidp" and r["seed"] == seed
-                       and r["target_remain_rate"] == t)
-            # Gates cost MACs: a run too short to close channels can cost more than dense.
-            frac = min(1.0 - ref["flops_reduction"], 1.0)
-            s = finetune_static(args, seed, dense_ckpt, frac, f"{base}/static_t{t}")
-            rows.append({"arch": args.arch, "method": "static (L1, uniform)", "seed": seed,
-                         "matched_to_target": t, "top1": s["top1"], "flops_reduction": s["flops_reduction"],
-                         "epochs": args.epochs, "speedups": ref.get("speedups"),
-                         **{k: ref[k] for k in ("bench_cpu", "bench_threads", "bench_kernel") if k in ref}})
-        write(args, rows)
-    write(args, rows)
+    try:
+        for seed in seeds:
+            rows += ablation_seed(args, seed) if args.ablation else pipeline_seed(args, seed, data)
+            write(args, rows)
+    except RunError as e:
+        print(f"fashion_mnist.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.ablation:
+        summarize([args.out], os.path.splitext(args.out)[0] + ".md",
+                  title="Fashion-MNIST: remain-rate schedule ablation (target at the end vs earlier)")
     return 0
-
-
-def write(args, rows: List[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    env = {"machine": platform.processor() or platform.machine(), "cpu": cpu_model() or "unknown CPU",
-           "cpu_threads": torch.get_num_threads(),
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    with open(args.out, "w") as f:
-        json.dump({"environment": env, "settings": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

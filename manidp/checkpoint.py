@@ -18,8 +18,9 @@ docs/DESIGN.md 6 (6.1 engine files, 6.2 training checkpoints).  The one place fo
 * Digests: :func:`with_digest` / :func:`checkpoint_digest` for checkpoints,
   :func:`tensor_digest` for the tensors of an engine file.
 * :func:`rebuild_model`: the network a checkpoint dictionary describes
-  (architecture, classes, input channels, gate options, weights), used by
-  :func:`manidp.deploy.compile` and ``manidp-flops``.
+  (architecture, classes, input channels, gate options, weights; the per-block
+  widths of a static-pruned network), used by :func:`manidp.deploy.compile` and
+  ``manidp-flops``.
 """
 
 from __future__ import annotations
@@ -381,11 +382,19 @@ def rebuild_model(ckpt: dict, path: str, gated: Optional[bool] = None) -> nn.Mod
     shapes; gate options (``squeeze_rate``, ``clamp_max``, ``thre_init``) from
     ``args``.  ``gated=None`` builds the recorded architecture; ``gated=True``
     builds its gated form and refuses weights without gates (a dense model).
+    A checkpoint recording ``widths`` (``manidp-train --static_keep``) holds a
+    :class:`~manidp.static_pruning.StaticPrunedResNet` of its dense ``arch``; it has
+    no gated form, so ``gated=True`` refuses it.
     """
     arch = ckpt.get("arch")
     if not isinstance(arch, str):
         raise CheckpointError(f"{path!r} is not a manidp-train checkpoint (it records no 'arch')")
     state = extract_state_dict(ckpt, path)
+    if ckpt.get("widths") is not None:
+        if gated:
+            raise CheckpointError(f"{path!r} holds a static-pruned {arch} (no gates); only a ManiDP checkpoint "
+                                  "compiles into a DynamicResNet engine")
+        return _rebuild_static(ckpt, state, arch, path)
     if gated and not arch.startswith("dy"):
         arch = "dy" + arch
     try:
@@ -398,6 +407,45 @@ def rebuild_model(ckpt: dict, path: str, gated: Optional[bool] = None) -> nn.Mod
     if gated and any(".gate" in k for k in fresh):
         raise CheckpointError(f"{path!r} holds a dense model; train it with ManiDP before compiling")
     return model.eval()
+
+
+def _rebuild_static(ckpt: dict, state: dict, arch: str, path: str) -> nn.Module:
+    """The StaticPrunedResNet of a static checkpoint: its dense ``arch`` cut to the recorded widths, in eval mode.
+
+    The widths are checked against the architecture and the stored conv1 weights
+    before the narrow network is built, so its size follows from the file's tensors.
+    """
+    # static_pruning imports manidp.deploy, whose compile imports this module: import it late
+    from .static_pruning import static_pruned_like
+    widths = ckpt["widths"]
+    try:
+        if arch.startswith("dy"):
+            raise ValueError("a static-pruned network is cut from a dense architecture, not a gated one")
+        kwargs = _model_kwargs(ckpt, state, arch)
+        _check_against_weights(kwargs, state)
+        source = build_model(arch, **kwargs)
+        _check_static_widths(widths, source, state)
+        model = static_pruned_like(source, widths=widths, fold_bn=False)
+        model.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # RuntimeError: load_state_dict's key/shape errors
+        raise CheckpointError(f"{path!r} does not fit a static-pruned {arch}: {e}") from None
+    return model.eval()
+
+
+def _check_static_widths(widths, source: nn.Module, state: dict) -> None:
+    """``widths``: one int per block of ``source``, in ``[1, planes]``, equal to the stored conv1 output counts."""
+    blocks = list(source.blocks())
+    if not isinstance(widths, (list, tuple)) or len(widths) != len(blocks):
+        count = len(widths) if isinstance(widths, (list, tuple)) else type(widths).__name__
+        raise ValueError(f"'widths' must hold one width per block ({len(blocks)} blocks); got {count}")
+    for i, (width, block) in enumerate(zip(widths, blocks)):
+        planes = block.conv1.out_channels
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= planes:
+            raise ValueError(f"block {i} width {width!r} is not an integer in [1, {planes}]")
+        weight = state.get(f"layers.{i}.conv1.weight")
+        if weight is None or weight.dim() != 4 or weight.shape[0] != width:
+            shape = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"block {i} width {width} does not match layers.{i}.conv1.weight of shape {shape}")
 
 
 def _model_kwargs(ckpt: dict, state: dict, arch: str) -> dict:

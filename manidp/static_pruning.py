@@ -34,7 +34,11 @@ fine-tuning a static-pruned baseline:
     >>> net = static_pruned_like(model, keep)            # BN kept: fine-tune it
     >>> fast = static_pruned_like(model, keep, fold_bn=True)   # conv + bias, inference
 
-``keep`` may also be a list of per-block widths (``widths=``).
+``keep`` may also be a list of per-block widths (``widths=``).  ``manidp-train
+--static_keep K`` (or ``--static_target_macs F``) cuts this network from a dense
+checkpoint and fine-tunes it with the trainer's loop; its checkpoints record
+``widths``, from which :func:`manidp.checkpoint.rebuild_model` rebuilds it
+(docs/DESIGN.md 9).
 """
 
 from __future__ import annotations
@@ -239,9 +243,11 @@ class StaticBlock(nn.Module):
         a = F.relu(self.bn1(self.conv1(x)))
         return F.relu(identity + self.bn2(self.conv2(a)))
 
-    def macs(self, h: int, w: int) -> Tuple[int, int, int]:
+    def macs(self, h: int, w: int, full_width: bool = False) -> Tuple[int, int, int]:
+        """MACs on an ``h x w`` input and the output size; ``full_width``: of the block it was cut from."""
+        width = self.planes if full_width else self.width
         m, ho, wo = block_macs_from_dims(self.in_channels, self.planes, self.stride, self.downsample is not None,
-                                         h, w, self.width, self.planes)
+                                         h, w, width, self.planes)
         return int(m), ho, wo
 
     def extra_repr(self) -> str:
@@ -253,7 +259,9 @@ class StaticPrunedResNet(nn.Module):
 
     ``model(x)`` returns logits.  Attributes: ``widths`` (per-block inner width),
     ``folded`` (True: conv + bias, no BN), ``kind``, ``depth``, ``input_size``;
-    :meth:`macs` counts MACs as :mod:`manidp.flops` does (no gates).
+    :meth:`macs` counts MACs as :mod:`manidp.flops` does (no gates), :meth:`dense_macs`
+    those of the dense network it was cut from.  It has no gates (:meth:`gates` is
+    empty), so the trainer and ``manidp-flops`` treat it as an ungated network.
     """
 
     def __init__(self, src: _Source, widths: Widths, fold: bool):
@@ -277,6 +285,10 @@ class StaticPrunedResNet(nn.Module):
         """The static blocks in forward order."""
         return iter(self.layers)
 
+    def gates(self):
+        """No gates (the models' interface: a dense ResNet's ``gates()`` is empty too)."""
+        return iter(())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
@@ -284,12 +296,19 @@ class StaticPrunedResNet(nn.Module):
 
     def macs(self, input_size: Optional[Tuple[int, int]] = None) -> int:
         """MACs of one ``input_size`` image (default: the source model's input size)."""
+        return self._count_macs(input_size, full_width=False)
+
+    def dense_macs(self, input_size: Optional[Tuple[int, int]] = None) -> int:
+        """MACs of one image through the dense network this one was cut from (every block at full width)."""
+        return self._count_macs(input_size, full_width=True)
+
+    def _count_macs(self, input_size: Optional[Tuple[int, int]], full_width: bool) -> int:
         c = self.conv1
         total, h, w = stem_macs_from_dims(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0],
                                           c.padding[0], isinstance(self.maxpool, nn.MaxPool2d),
                                           *(input_size or self.input_size))
         for blk in self.layers:
-            m, h, w = blk.macs(h, w)
+            m, h, w = blk.macs(h, w, full_width)
             total += m
         return int(total + self.fc.in_features * self.fc.out_features)
 

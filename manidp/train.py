@@ -3,8 +3,16 @@
 Implements docs/DESIGN.md 1.3-1.4 (the pipeline: docs/DESIGN.md 9): start from a
 dense network, train the gated one with ``mean ce + lambda_lasso * L_cplx +
 lambda_graph * sum L_sim``, SGD Nesterov, per-iteration cosine learning rate, and
-per-epoch threshold calibration following the remain-rate schedule.  ``--dense``
-trains the dense baseline.
+per-epoch threshold calibration following the remain-rate schedule
+(``--target_epoch_frac`` reaches the target before the last epoch).  One loop
+trains every method:
+
+  ManiDP          the default (gated network, both gate losses)
+  FBS-like        ``--lambda_graph 0`` (ManiDP without the manifold term)
+  dense           ``--dense`` (no gates, cross-entropy only)
+  static pruning  ``--static_keep K`` or ``--static_target_macs F`` with a dense
+                  ``--pretrain_path``: the narrow network of :mod:`manidp.static_pruning`
+                  cut by filter L1 norm, then trained like ``--dense``
 
 Layout of ``--save_path``:
   checkpoint.pth   full training state after the latest epoch (``--resume`` reads it)
@@ -48,19 +56,22 @@ from .data import DataBundle, DatasetError, DATASETS, build_dataset, eval_batche
 from .flops import dense_macs, macs_from_records
 from .losses import complexity_loss, complexity_weights, similarity_loss
 from .models import ARCHITECTURES, build_model, load_dense_state_dict
+from .static_pruning import StaticPrunedResNet, keep_for_target_macs, static_pruned_like
 
 __all__ = ["main", "train", "build_parser", "make_args", "UsageError", "TrainingDiverged", "OneLineArgumentParser",
-           "check_device", "check_save_path",
+           "check_device", "check_save_path", "defining_arg_differences", "method_name",
            "remain_rate", "cosine_lr", "calibrate_thresholds", "compute_loss", "evaluate",
            "load_checkpoint", "read_checkpoint_arg", "atomic_save", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT, BEST, LAST, LOG = "checkpoint.pth", "model_best.pth", "last.pth", "log.jsonl"
 
-# Arguments that define the run: a resumed run must use the same values.
+# Arguments that define the run: a resumed run must use the same values.  A checkpoint
+# written before a flag existed ran with its default (see defining_arg_differences).
 DEFINING_ARGS = ("arch", "dataset", "dense", "epochs", "lr", "batch_size", "decay", "decay_branch",
                  "target_remain_rate", "lambda_lasso", "lambda_graph", "thre_freq", "thre_init",
                  "thre_cls", "gamma", "clamp_max", "squeeze_rate", "train_subset", "test_subset",
-                 "image_size", "freeze_bn", "amp", "clip_grad", "gate_init")
+                 "image_size", "freeze_bn", "amp", "clip_grad", "gate_init",
+                 "static_keep", "static_target_macs", "target_epoch_frac")
 
 
 class UsageError(ValueError):
@@ -83,7 +94,8 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``manidp-train`` argument parser (the seed's flags, plus operational ones)."""
     p = OneLineArgumentParser(prog="manidp-train", description="Train ManiDP dynamic-pruned ResNets "
-                              "(or, with --dense, the dense baseline).")
+                              "(--lambda_graph 0: without the manifold term, FBS-like), the dense baseline "
+                              "(--dense) or a static L1-pruned network (--static_keep / --static_target_macs).")
     a = p.add_argument
     a("--arch", default="dyresnet56", help=f"architecture ({', '.join(sorted(ARCHITECTURES))})")
     a("--dataset", default="cifar10", choices=DATASETS)
@@ -91,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrain_path", default=None, help="dense checkpoint file, or a directory holding one "
       "(e.g. resnet56.pth, model_best.pth, checkpoint.pth)")
     a("--target_remain_rate", type=float, default=0.6, help="desired fraction of channels kept")
+    a("--target_epoch_frac", type=float, default=1.0, metavar="F",
+      help="the remain rate reaches --target_remain_rate at epoch ceil(F * epochs) - 1 and stays there "
+           "(1.0: at the last epoch, the paper's schedule)")
     a("--lambda_lasso", type=float, default=5e-3, help="weight of the complexity (sparsity) loss")
     a("--lambda_graph", type=float, default=1.0, help="weight of the manifold similarity loss")
     a("--ngpu", type=int, default=1, help="number of GPUs; 0 trains on the CPU; N>1 starts N processes")
@@ -111,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cpu, cuda or cuda:N (overrides --ngpu's device choice)")
     a("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
     a("--dense", action="store_true", help="train the dense baseline (no gates, no gate losses)")
+    a("--static_keep", type=float, default=None, metavar="K",
+      help="static L1 pruning: cut the --pretrain_path dense network to keep K in (0, 1] of every block's "
+           "inner channels, then train it like --dense")
+    a("--static_target_macs", type=float, default=None, metavar="F",
+      help="static L1 pruning to F x the dense MACs (the uniform keep ratio that comes closest)")
     a("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
       help="continue from CKPT, or from SAVE_PATH/checkpoint.pth when no path is given")
     a("--overwrite", action="store_true", help="start a fresh run even if --save_path holds one, replacing it")
@@ -161,13 +181,54 @@ def validate_args(args: argparse.Namespace) -> None:
         (finite(args.clamp_max) and args.clamp_max > 0, "--clamp_max must be a finite number > 0"),
         (not math.isnan(args.thre_init), "--thre_init must be a number (not NaN)"),
         (finite(args.clip_grad) and args.clip_grad >= 0, "--clip_grad must be a finite number >= 0"),
+        (0.0 < args.target_epoch_frac <= 1.0, "--target_epoch_frac must be in (0, 1]"),
     ]
     checks += [(finite(getattr(args, k)) and getattr(args, k) >= 0, f"--{k} must be a finite number >= 0")
                for k in ("decay", "decay_branch", "lambda_lasso", "lambda_graph", "gamma")]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    validate_static_args(args)
     model_arch(args)  # validates --arch
+
+
+def validate_static_args(args: argparse.Namespace) -> None:
+    """``--static_keep`` / ``--static_target_macs``: one of them, in (0, 1], a dense --arch and --pretrain_path."""
+    given = [f for f in ("static_keep", "static_target_macs") if getattr(args, f) is not None]
+    if not given:
+        return
+    flag = f"--{given[0]}"
+    if len(given) > 1:
+        raise UsageError("--static_keep and --static_target_macs are exclusive: give one of them")
+    value = getattr(args, given[0])
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise UsageError(f"{flag} must be in (0, 1]; got {value}")
+    if args.dense:
+        raise UsageError(f"{flag} trains a static-pruned network; it cannot be combined with --dense")
+    if args.arch.startswith("dy"):
+        raise UsageError(f"{flag} cuts a dense network: give the dense --arch {dense_arch_name(args.arch)}, "
+                         f"not {args.arch}")
+    if not args.pretrain_path:
+        raise UsageError(f"{flag} needs --pretrain_path, the dense checkpoint the static network is cut from")
+
+
+def is_static(args) -> bool:
+    """Whether the run trains a static-pruned network (``--static_keep`` or ``--static_target_macs``)."""
+    return getattr(args, "static_keep", None) is not None or getattr(args, "static_target_macs", None) is not None
+
+
+def trains_gates(args) -> bool:
+    """Whether the run trains a gated network (ManiDP or FBS-like), not a dense or static one."""
+    return not args.dense and not is_static(args)
+
+
+def method_name(args) -> str:
+    """``dense``, ``static``, ``fbs`` (gated, ``--lambda_graph 0``) or ``manidp``."""
+    if args.dense:
+        return "dense"
+    if is_static(args):
+        return "static"
+    return "fbs" if args.lambda_graph == 0 else "manidp"
 
 
 def dense_arch_name(arch: str) -> str:
@@ -176,9 +237,10 @@ def dense_arch_name(arch: str) -> str:
 
 
 def model_arch(args) -> str:
-    """The architecture actually built: the dense one with ``--dense``, else the gated one."""
+    """The architecture actually built: the dense one with ``--dense`` (or the one a static network is cut
+    from), else the gated one."""
     dense = dense_arch_name(args.arch)
-    name = dense if args.dense else "dy" + dense
+    name = "dy" + dense if trains_gates(args) else dense
     if name not in ARCHITECTURES:
         choices = sorted(a for a in ARCHITECTURES if a.startswith("dy"))
         raise UsageError(f"unknown --arch {args.arch!r}; expected one of {', '.join(choices)} "
@@ -326,9 +388,12 @@ def determinism(enabled: bool, device: torch.device):
 # ============================================================================ model
 
 def create_model(args, info) -> nn.Module:
-    """Build the (gated or dense) model for the dataset described by ``info``."""
+    """Build the (gated or dense) model for the dataset described by ``info``.
+
+    For a static run this is the dense network the narrow one is cut from (:func:`cut_static_network`).
+    """
     kw = dict(num_classes=info.num_classes, in_channels=info.in_channels)
-    if not args.dense:
+    if trains_gates(args):
         kw.update(squeeze_rate=args.squeeze_rate, clamp_max=args.clamp_max, thre_init=args.thre_init)
     return build_model(model_arch(args), **kw)
 
@@ -394,6 +459,28 @@ def init_fresh_gates(net: nn.Module, fresh: Sequence[str], mode: str) -> None:
             mod.fc2.weight.zero_()
 
 
+def cut_static_network(dense: nn.Module, args, info, ckpt: Optional[dict]) -> StaticPrunedResNet:
+    """The narrow network of ``--static_keep`` / ``--static_target_macs``, cut from ``dense`` (docs/DESIGN.md 9).
+
+    A fresh run cuts the pretrained network by filter L1 norm, to ``--static_keep`` or
+    to the keep ratio whose MACs come closest to ``--static_target_macs`` x dense; a
+    resumed run rebuilds the checkpoint's ``widths`` (its weights are loaded next).
+    BN stays a separate layer, so the network trains like a dense one.
+    """
+    if ckpt is not None:
+        widths = ckpt.get("widths")
+        if widths is None:
+            raise UsageError("--resume: the checkpoint records no 'widths', so it is not a static-pruned run")
+        try:
+            return static_pruned_like(dense, widths=widths, fold_bn=False)
+        except ValueError as e:
+            raise UsageError(f"--resume: the checkpoint's widths do not fit {model_arch(args)}: {e}") from None
+    keep = args.static_keep
+    if keep is None:
+        keep = keep_for_target_macs(dense, args.static_target_macs, info.input_size)
+    return static_pruned_like(dense, keep, fold_bn=False)
+
+
 def gate_parameters(model: nn.Module):
     """(gate params, backbone params), split by name."""
     gate, rest = [], []
@@ -418,9 +505,16 @@ def cosine_lr(base_lr: float, iteration: int, total: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
 
 
-def remain_rate(epoch: int, epochs: int, target: float) -> float:
-    """``r(e) = (1 - t)/2 * cos(pi * (e + 1) / E) + (1 + t)/2``: 1 -> t over the run."""
-    return (1 - target) / 2 * math.cos(math.pi * (epoch + 1) / epochs) + (1 + target) / 2
+def remain_rate(epoch: int, epochs: int, target: float, target_epoch_frac: float = 1.0) -> float:
+    """Remain rate of epoch ``epoch`` of ``epochs``: a cosine from 1 down to ``target`` (docs/DESIGN.md 1.4, 9).
+
+    ``r(e) = (1 - t)/2 * cos(pi * min(e + 1, R) / R) + (1 + t)/2`` with
+    ``R = ceil(target_epoch_frac * epochs)``, at least 1: the rate reaches ``t`` at
+    epoch ``R - 1`` and stays there.  ``target_epoch_frac = 1`` is the paper's
+    schedule (``R = E``: ``t`` at the last epoch).
+    """
+    ramp = max(math.ceil(target_epoch_frac * epochs - 1e-9), 1)  # 1e-9: 0.7 * 10 must give 7, not 8
+    return (1 - target) / 2 * math.cos(math.pi * min(epoch + 1, ramp) / ramp) + (1 + target) / 2
 
 
 @torch.no_grad()
@@ -451,10 +545,10 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, l_prev: Opt
     """``mean ce + lambda_lasso * L_cplx + lambda_graph * sum L_sim`` (docs/DESIGN.md 1.3).
 
     Returns ``(loss, ce, parts)``: the scalar loss, per-instance cross-entropy
-    (N,), and a dict of detached components.  Dense models give ``mean ce``.
+    (N,), and a dict of detached components.  Dense and static-pruned models give ``mean ce``.
     """
     env = env or D.DistEnv()
-    if args.dense:
+    if not trains_gates(args):
         ce = F.cross_entropy(model(x).float(), y, reduction="none")
         return ce.mean(), ce, {}
     logits, recs = model(x, return_gates=True)
@@ -488,7 +582,8 @@ def evaluate(net: nn.Module, batches, env: Optional[D.DistEnv] = None, device=No
              count_flops: bool = True, desc: str = "eval", quiet: bool = True) -> Dict[str, float]:
     """Test loss, top-1/top-5 (%), active-channel ratio and FLOPs reduction (gates counted).
 
-    Sums are all-reduced, so every rank returns the metrics of the whole set.
+    Sums are all-reduced, so every rank returns the metrics of the whole set.  A
+    static-pruned network costs its narrow MACs, against the dense network it was cut from.
     """
     env = env or D.DistEnv()
     device = device or next(net.parameters()).device
@@ -514,26 +609,49 @@ def _batch_metrics(net, logits, y, recs, input_size, count_flops: bool) -> np.nd
     top = logits.topk(k, 1).indices
     hit = top == y[:, None]
     ce = F.cross_entropy(logits, y, reduction="sum")
-    active, macs = float(n), 0.0
+    active, macs = n * _ungated_active_ratio(net), 0.0
     if recs is not None:
         act = sum((r.mask > 0).sum(1).double() for r in recs)
         active = float((act / sum(r.mask.shape[1] for r in recs)).sum())
     if count_flops:
         macs = float(macs_from_records(net, recs, input_size).sum()) if recs is not None else \
-            n * float(dense_macs(net, input_size))
+            n * float(_ungated_macs(net, input_size))
     return np.array([n, float(ce), float(hit[:, 0].sum()), float(hit.any(1).sum()), active, macs])
 
 
 def _finish_metrics(net, tot: np.ndarray, input_size) -> Dict[str, float]:
     """Turn the summed counts into the metrics dict."""
     n = max(tot[0], 1.0)
-    dense = dense_macs(net, input_size) if input_size else 0
+    dense = _dense_macs_of(net, input_size) if input_size else 0
     mean_macs = tot[5] / n
     out = {"loss": tot[1] / n, "top1": 100.0 * tot[2] / n, "top5": 100.0 * tot[3] / n,
            "active_ratio": tot[4] / n, "mean_macs": mean_macs,
            "flops_reduction": (1.0 - mean_macs / dense) if dense and tot[5] else 0.0}
     # plain Python numbers: checkpoints must load with weights_only=True (no numpy scalars)
     return {"n": int(tot[0]), "dense_macs": int(dense), **{k: float(v) for k, v in out.items()}}
+
+
+def _ungated_macs(net: nn.Module, input_size) -> int:
+    """MACs of one image through an ungated network: a static-pruned one costs its narrow widths."""
+    return net.macs(input_size) if isinstance(net, StaticPrunedResNet) else dense_macs(net, input_size)
+
+
+def _dense_macs_of(net: nn.Module, input_size) -> int:
+    """Dense MACs of one image (docs/DESIGN.md 1.5): of ``net`` without its gates, or of the network a
+    static-pruned ``net`` was cut from."""
+    return net.dense_macs(input_size) if isinstance(net, StaticPrunedResNet) else dense_macs(net, input_size)
+
+
+def _ungated_active_ratio(net: nn.Module) -> float:
+    """Share of the blocks' conv output channels an ungated network computes, counted as for gates.
+
+    Gates cover the outputs of both convs of every block; a static-pruned block
+    computes ``width`` of conv1's and all of conv2's; a dense network all of them.
+    """
+    if not isinstance(net, StaticPrunedResNet):
+        return 1.0
+    blocks = list(net.blocks())
+    return sum(b.width + b.planes for b in blocks) / sum(2 * b.planes for b in blocks)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -671,6 +789,10 @@ def setup(args, env: D.DistEnv) -> Run:
             print(f"loaded pretrained weights from {file}", flush=True)
     if ckpt is None:
         init_fresh_gates(net, fresh, args.gate_init)
+    if is_static(args):
+        net = cut_static_network(net, args, data.info, ckpt)
+        if env.is_main and not args.quiet:
+            print(f"static-pruned network: block widths {net.widths}", flush=True)
     net.to(env.device)
     optimizer = make_optimizer(net, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp and env.device.type == "cuda" else None
@@ -698,12 +820,27 @@ def _adopt_checkpoint_args(args, ckpt: dict) -> None:
     saved = ckpt["args"]
     if args.manualSeed is None:
         args.manualSeed = saved.get("manualSeed")
-    diffs = [f"--{k} {getattr(args, k)!r} (checkpoint: {saved.get(k)!r})" for k in DEFINING_ARGS
-             if k in saved and getattr(args, k) != saved[k] and not _same_arch(k, getattr(args, k), saved[k])]
-    if args.manualSeed != saved.get("manualSeed"):
-        diffs.append(f"--manualSeed {args.manualSeed} (checkpoint: {saved.get('manualSeed')})")
+    diffs = defining_arg_differences(args, saved)
     if diffs:
         raise UsageError("--resume with settings that differ from the checkpoint's: " + "; ".join(diffs))
+
+
+def defining_arg_differences(args, saved: dict) -> List[str]:
+    """``--flag value (checkpoint: value)`` for each flag that defines a run where ``args`` and ``saved`` differ.
+
+    ``saved`` is a checkpoint's ``args``.  The flags are :data:`DEFINING_ARGS` and the
+    seed.  A flag ``saved`` lacks was added after the checkpoint was written, so
+    that run used the flag's default: the comparison takes the default.
+    """
+    defaults = vars(build_parser().parse_args([]))
+    diffs = []
+    for k in DEFINING_ARGS:
+        ours, theirs = getattr(args, k), saved.get(k, defaults[k])
+        if ours != theirs and not _same_arch(k, ours, theirs):
+            diffs.append(f"--{k} {ours!r} (checkpoint: {theirs!r})")
+    if args.manualSeed != saved.get("manualSeed"):
+        diffs.append(f"--manualSeed {args.manualSeed} (checkpoint: {saved.get('manualSeed')})")
+    return diffs
 
 
 def _same_arch(key: str, a, b) -> bool:
@@ -776,7 +913,7 @@ def _truncate_log(path: str, epoch: int) -> None:
 def fit(run: Run) -> dict:
     """Run the remaining epochs; return the result dict."""
     args, st = run.args, run.state
-    gated = not args.dense
+    gated = trains_gates(args)
     if gated and st.l_prev is None:  # docs/DESIGN.md 1.3: before epoch 0, one eval pass over the training set
         st.l_prev = _initial_l_prev(run)
     for epoch in range(st.epoch, args.epochs):
@@ -810,7 +947,7 @@ def _maybe_calibrate(run: Run, epoch: int) -> None:
     """Thresholds from last epoch's gate statistics, every ``thre_freq`` epochs from epoch 1 on."""
     args, st = run.args, run.state
     if epoch >= 1 and epoch % args.thre_freq == 0 and st.mask_count > 0:
-        st.rate = remain_rate(epoch, args.epochs, args.target_remain_rate)
+        st.rate = remain_rate(epoch, args.epochs, args.target_remain_rate, args.target_epoch_frac)
         thresholds = calibrate_thresholds(run.gates, st.mask_count, st.rate)
         D.assert_same_across_ranks(run.env, thresholds, "gate thresholds")
 
@@ -969,14 +1106,21 @@ def _epoch_summary(line: dict, epochs: int) -> str:
 
 
 def checkpoint_dict(run: Run) -> dict:
-    """Everything needed to resume, plus what tools need to rebuild the model."""
-    return {"format": CHECKPOINT_FORMAT, "arch": model_arch(run.args), "dense": bool(run.args.dense),
+    """Everything needed to resume, plus what tools need to rebuild the model.
+
+    A static run adds ``widths`` (one int per block), with which
+    :func:`manidp.checkpoint.rebuild_model` rebuilds the narrow network.
+    """
+    ckpt = {"format": CHECKPOINT_FORMAT, "arch": model_arch(run.args), "dense": bool(run.args.dense),
             "state_dict": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict() if run.scaler is not None else None,
             "epoch": run.state.epoch - 1, "iteration": run.state.iteration, "L_prev": run.state.l_prev,
             "state": run.state.as_dict(), "rng": rng_state(), "args": dict(vars(run.args)),
             "dataset": run.data.info.as_dict(), "world_size": run.env.world_size,
             "torch_version": str(torch.__version__)}
+    if is_static(run.args):
+        ckpt["widths"] = list(run.net.widths)
+    return ckpt
 
 
 def _save(run: Run, names: Sequence[str]) -> None:
@@ -990,11 +1134,13 @@ def _save(run: Run, names: Sequence[str]) -> None:
 
 
 def _final(run: Run) -> dict:
-    """Write ``last.pth`` and build the result dict."""
+    """Write ``last.pth`` and build the result dict (``macs``: mean MACs per test image, gates counted)."""
     _save(run, [LAST])
     st, m = run.state, run.state.metrics
     return {**{k: m.get(k) for k in ("top1", "top5", "loss", "active_ratio", "flops_reduction",
                                       "mean_macs", "dense_macs")},
+            "macs": m.get("mean_macs"), "method": method_name(run.args),
+            "widths": list(run.net.widths) if is_static(run.args) else None,
             "best_top1": st.best_top1, "epoch": st.epoch - 1, "epochs": run.args.epochs,
             "iteration": st.iteration, "L_prev": st.l_prev, "remain_rate": st.rate,
             "thresholds": [float(g.threshold) for g in run.gates], "skipped_steps": st.skipped,
@@ -1022,7 +1168,8 @@ def main(argv=None) -> int:
         print("manidp-train: interrupted; resume with --resume", file=sys.stderr)
         return 130
     if result.get("rank", 0) == 0 and not args.quiet:
-        print(f"done: top1 {result['top1']:.2f}%  flops reduction {100 * result['flops_reduction']:.1f}%  "
+        print(f"done: top1 {result['top1']:.2f}%  MACs {result['macs'] / 1e6:.3f}M of "
+              f"{result['dense_macs'] / 1e6:.3f}M dense  flops reduction {100 * result['flops_reduction']:.1f}%  "
               f"checkpoint {result['checkpoint']}", flush=True)
     return 0
 

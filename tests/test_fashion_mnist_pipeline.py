@@ -1,24 +1,19 @@
 """benchmarks/fashion_mnist.py end to end on a few hundred images: every method trains, the
 engine is evaluated, a rerun reuses the finished runs, and the summary lists every row."""
 
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_script
 
 from manidp.bench import fashion_mnist_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed")
 
 
 def _pipeline():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_pipeline",
-                                                  os.path.join(ROOT, "benchmarks", "fashion_mnist.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fashion_mnist")
 
 
 def test_pipeline_tiny(tmp_path):

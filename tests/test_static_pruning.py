@@ -183,3 +183,64 @@ def test_imagenet_layout():
     assert half(x).shape == (2, 7)
     assert half.macs((64, 64)) < dense_macs(model, (64, 64))
     assert any(len(b.downsample) == 2 for b in net.blocks() if b.downsample is not None)  # shortcut BN kept
+
+
+# ----------------------------------------------------------------------------- static checkpoints
+def _static_checkpoint(keep=0.5):
+    """A checkpoint dictionary as ``manidp-train --static_keep`` writes it (the parts rebuild_model reads)."""
+    torch.manual_seed(0)
+    dense = build_model("resnet20").eval()
+    net = static_pruned_like(dense, keep)
+    return {"arch": "resnet20", "state_dict": net.state_dict(), "widths": net.widths,
+            "dataset": {"num_classes": 10, "in_channels": 3}}, net.eval()
+
+
+def test_rebuild_static_checkpoint():
+    """rebuild_model gives the StaticPrunedResNet of the recorded widths, with the stored weights."""
+    from manidp.checkpoint import rebuild_model
+    ckpt, net = _static_checkpoint()
+    rebuilt = rebuild_model(ckpt, "ck.pth")
+    assert isinstance(rebuilt, StaticPrunedResNet) and rebuilt.widths == net.widths and not rebuilt.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), net(x), rtol=0, atol=0)
+    assert rebuilt.macs() == net.macs() and rebuilt.dense_macs() == dense_macs(build_model("resnet20"), (32, 32))
+    assert list(rebuilt.gates()) == []
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(widths=c["widths"][:-1]), "one width per block (9 blocks); got 8"),
+    (lambda c: c.update(widths=[17] + c["widths"][1:]), "block 0 width 17 is not an integer in [1, 16]"),
+    (lambda c: c.update(widths=[True] + c["widths"][1:]), "block 0 width True is not an integer"),
+    (lambda c: c.update(widths="8"), "one width per block (9 blocks); got str"),
+    (lambda c: c.update(widths=[9] + c["widths"][1:]), "block 0 width 9 does not match layers.0.conv1.weight"),
+    (lambda c: c.update(arch="dyresnet20"), "cut from a dense architecture"),
+    (lambda c: c["state_dict"].pop("layers.8.bn2.weight"), "layers.8.bn2.weight"),
+])
+def test_rebuild_static_checkpoint_refuses_bad_widths(change, needle):
+    """Widths are checked against the architecture and the stored weights; errors name the file."""
+    from manidp.checkpoint import CheckpointError, rebuild_model
+    ckpt, _ = _static_checkpoint()
+    ckpt["state_dict"] = dict(ckpt["state_dict"])
+    change(ckpt)
+    with pytest.raises(CheckpointError, match="'ck.pth'") as info:
+        rebuild_model(ckpt, "ck.pth")
+    assert needle in str(info.value)
+
+
+def test_static_checkpoint_has_no_gated_form():
+    """compile() rebuilds with gated=True: a static checkpoint is refused with a clear message."""
+    from manidp.checkpoint import CheckpointError, rebuild_model
+    ckpt, _ = _static_checkpoint()
+    with pytest.raises(CheckpointError, match="static-pruned resnet20 \\(no gates\\)"):
+        rebuild_model(ckpt, "ck.pth", gated=True)
+
+
+def test_dense_macs_is_the_source_network(model_and_x):
+    """dense_macs counts every block at full width: the network it was cut from, for any keep ratio."""
+    model, _ = model_and_x
+    for keep in (0.25, 1.0):
+        net = static_pruned_like(model, keep)
+        assert net.dense_macs() == dense_macs(model, (32, 32))
+        assert net.dense_macs((64, 64)) == dense_macs(model, (64, 64))
+    assert static_pruned_like(model, 0.25).macs() < dense_macs(model, (32, 32))

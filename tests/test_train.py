@@ -1,4 +1,5 @@
-"""The trainer: schedules, smoke runs, resume, fault recovery, non-finite handling, CLI."""
+"""The trainer: schedules, smoke runs, resume, fault recovery, non-finite handling, CLI, static
+pruning runs, and the benchmarks/fashion_mnist.py orchestrator built on it."""
 
 import glob
 import json
@@ -13,11 +14,15 @@ import pytest
 import torch
 
 import manidp.train as T
+from manidp.checkpoint import CheckpointError, atomic_save, read_checkpoint, rebuild_model, with_digest
+from manidp.data import build_dataset, eval_batches
 from manidp.models import build_model
-from manidp.train import (TrainingDiverged, calibrate_thresholds, compute_loss, cosine_lr,
-                          evaluate, load_checkpoint, main, make_args, make_optimizer, remain_rate, train)
+from manidp.static_pruning import StaticPrunedResNet, keep_for_target_macs, l1_top_channels, static_macs
+from manidp.train import (TrainingDiverged, UsageError, build_parser, calibrate_thresholds, compute_loss,
+                          cosine_lr, defining_arg_differences, evaluate, load_checkpoint, main, make_args,
+                          make_optimizer, remain_rate, train)
 
-from conftest import ROOT, SYNTH, cli_flags, gated_args, state_dicts_equal, subprocess_env
+from conftest import ROOT, SYNTH, cli_flags, gated_args, load_script, state_dicts_equal, subprocess_env
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -31,6 +36,36 @@ def test_remain_rate_schedule():
     assert remain_rate(4, 10, 0.5) == pytest.approx(0.75)
     rates = [remain_rate(e, 10, 0.6) for e in range(10)]
     assert rates == sorted(rates, reverse=True)
+
+
+def _paper_rate(e: int, epochs: int, t: float) -> float:
+    """docs/DESIGN.md 1.4's remain rate, as the trainer computed it before --target_epoch_frac."""
+    return (1 - t) / 2 * math.cos(math.pi * (e + 1) / epochs) + (1 + t) / 2
+
+
+def test_remain_rate_target_epoch_frac():
+    """The same cosine, reaching the target at epoch ceil(F * E) - 1 and staying there; F = 1 is unchanged."""
+    for epochs in (1, 2, 10, 15, 200):
+        assert [remain_rate(e, epochs, 0.6, 1.0) for e in range(-1, epochs)] == \
+            [_paper_rate(e, epochs, 0.6) for e in range(-1, epochs)]
+    rates = [remain_rate(e, 10, 0.6, 0.6) for e in range(10)]
+    assert remain_rate(-1, 10, 0.6, 0.6) == pytest.approx(1.0)
+    assert rates == sorted(rates, reverse=True) and rates[4] > 0.6
+    assert rates[:6] == [_paper_rate(e, 6, 0.6) for e in range(6)]  # the paper's cosine over 6 epochs
+    assert rates[5] == pytest.approx(0.6) and rates[5:] == [rates[5]] * 5
+    # 0.7 * 10 is 7.000000000000001 in floating point: the target still comes at epoch 6
+    assert remain_rate(5, 10, 0.5, 0.7) > 0.5 and remain_rate(6, 10, 0.5, 0.7) == pytest.approx(0.5)
+    assert remain_rate(0, 10, 0.5, 0.01) == pytest.approx(0.5)  # at least one epoch of ramp
+
+
+def test_defining_args_missing_key_is_its_default():
+    """A checkpoint's args without a flag added later compare as that flag's default."""
+    args = make_args(manualSeed=1)
+    old = {k: v for k, v in vars(args).items() if k not in ("static_keep", "static_target_macs", "target_epoch_frac")}
+    assert defining_arg_differences(args, old) == []
+    assert defining_arg_differences(make_args(manualSeed=1, target_epoch_frac=0.6), old) == \
+        ["--target_epoch_frac 0.6 (checkpoint: 1.0)"]
+    assert defining_arg_differences(make_args(manualSeed=2), old) == ["--manualSeed 2 (checkpoint: 1)"]
 
 
 def test_cosine_lr_per_iteration():
@@ -157,24 +192,52 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(reference, tmp_path, monkeypatch):
-    """Crash after epoch 1's checkpoint; --resume finishes bit-identical to the uninterrupted run."""
-    kw = dict(reference[0], save_path=str(tmp_path))
+def _train_until_crash(kw: dict, crash_epoch: int, monkeypatch) -> None:
+    """``train(**kw)``, crashing right after epoch ``crash_epoch``'s checkpoint is written."""
     finish = T._finish_epoch
 
     def crash_after(run, epoch, *a):
-        """Finish the epoch (checkpoint written), then crash after epoch 1."""
+        """Finish the epoch (checkpoint written), then crash after ``crash_epoch``."""
         finish(run, epoch, *a)
-        if epoch == 1:
+        if epoch == crash_epoch:
             raise _Crash()
     monkeypatch.setattr(T, "_finish_epoch", crash_after)
     with pytest.raises(_Crash):
         train(**kw)
     monkeypatch.setattr(T, "_finish_epoch", finish)
-    assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 1
+    assert load_checkpoint(os.path.join(kw["save_path"], "checkpoint.pth"))["epoch"] == crash_epoch
+
+
+def test_resume_equals_uninterrupted(reference, tmp_path, monkeypatch):
+    """Crash after epoch 1's checkpoint; --resume finishes bit-identical to the uninterrupted run."""
+    kw = dict(reference[0], save_path=str(tmp_path))
+    _train_until_crash(kw, 1, monkeypatch)
     r = train(**kw, resume=True)
     assert r["epoch"] == 2
     _same_final(reference, tmp_path)
+
+
+def test_resume_checkpoint_written_before_new_flags(reference, tmp_path, monkeypatch):
+    """A checkpoint whose args lack --static_keep, --static_target_macs and --target_epoch_frac (written
+    before they existed) resumes exactly as before; asking it for a non-default schedule is refused."""
+    kw = dict(reference[0], save_path=str(tmp_path))
+    _train_until_crash(kw, 0, monkeypatch)
+    path = str(tmp_path / "checkpoint.pth")
+    ck = read_checkpoint(path)
+    for key in ("static_keep", "static_target_macs", "target_epoch_frac"):
+        del ck["args"][key]
+    atomic_save(with_digest(ck), path)
+    with pytest.raises(UsageError, match=r"--target_epoch_frac 0.5 \(checkpoint: 1.0\)"):
+        train(**kw, resume=True, target_epoch_frac=0.5)
+    train(**kw, resume=True)
+    _same_final(reference, tmp_path)
+
+
+def test_target_epoch_frac_run(tmp_path, dense_synthetic):
+    """--target_epoch_frac 0.5 over 3 epochs: thresholds at the target from epoch ceil(1.5) - 1 = 1 on."""
+    r = train(**gated_args(tmp_path, dense_synthetic, epochs=3, target_epoch_frac=0.5, deterministic=False))
+    assert [h["remain_rate"] for h in r["history"]] == [1.0, pytest.approx(0.5), pytest.approx(0.5)]
+    assert r["history"][1]["thresholds"] != r["history"][2]["thresholds"]  # recalibrated at the target
 
 
 def _popen(kw: dict, **env) -> subprocess.Popen:
@@ -270,6 +333,17 @@ def test_cli_ngpu_without_cuda_is_a_clear_error(tmp_path, capsys):
     (["--target_remain_rate", "1.5"], "--target_remain_rate"),
     (["--dataset", "synthetic", "--pretrain_path", "/nonexistent/x"], "does not exist"),
     (["--dataset", "synthetic", "--resume", "/nonexistent/ck.pth"], "does not exist"),
+    (["--target_epoch_frac", "0"], "--target_epoch_frac must be in (0, 1]"),
+    (["--arch", "resnet20", "--static_keep", "0.5"], "--static_keep needs --pretrain_path"),
+    (["--arch", "resnet20", "--static_keep", "1.5", "--pretrain_path", "d"], "--static_keep must be in (0, 1]"),
+    (["--arch", "resnet20", "--static_target_macs", "0", "--pretrain_path", "d"],
+     "--static_target_macs must be in (0, 1]"),
+    (["--arch", "resnet20", "--static_keep", "0.5", "--static_target_macs", "0.4", "--pretrain_path", "d"],
+     "are exclusive"),
+    (["--arch", "resnet20", "--dense", "--static_keep", "0.5", "--pretrain_path", "d"],
+     "cannot be combined with --dense"),
+    (["--arch", "dyresnet20", "--static_target_macs", "0.5", "--pretrain_path", "d"],
+     "give the dense --arch resnet20"),
 ])
 def test_cli_user_errors_exit_2(tmp_path, capsys, argv, needle):
     """Bad flags and paths: exit code 2, a message naming the problem, no traceback."""
@@ -335,6 +409,168 @@ def test_flops_cli_reports_checkpoint(tmp_path, dense_synthetic, capsys):
     assert flops_main(["--checkpoint", r["checkpoint"]]) == 0
     assert "FLOPs reduction" in capsys.readouterr().out
     assert flops_main(["--checkpoint", str(tmp_path / "none.pth")]) == 2
+
+
+# ----------------------------------------------------------------------------- static pruning runs
+
+def _static_args(save_path, pretrain: str, **kw) -> dict:
+    """Keyword arguments of a short deterministic static-pruning run (keep 0.5) on the synthetic set."""
+    args = dict(SYNTH, arch="resnet20", static_keep=0.5, pretrain_path=pretrain, epochs=2, lr=0.02,
+                save_path=str(save_path), manualSeed=5, deterministic=True)
+    args.update(kw)
+    return args
+
+
+@pytest.fixture(scope="module")
+def static_run(tmp_path_factory, dense_synthetic):
+    """An uninterrupted 2-epoch static run: (kwargs, result)."""
+    kw = _static_args(tmp_path_factory.mktemp("static"), dense_synthetic)
+    return kw, train(**kw)
+
+
+def test_static_run_end_to_end(static_run, dense_synthetic):
+    """The narrow network is cut from the dense checkpoint, trained like --dense, and rebuilt from its checkpoint."""
+    kw, r = static_run
+    ck = load_checkpoint(r["checkpoint"])
+    net = rebuild_model(ck, r["checkpoint"])
+    assert isinstance(net, StaticPrunedResNet) and not net.training
+    assert net.widths == ck["widths"] == r["widths"] == [8] * 3 + [16] * 3 + [32] * 3
+    assert r["method"] == "static" and r["arch"] == ck["arch"] == "resnet20" and r["thresholds"] == []
+    assert r["macs"] == net.macs((32, 32)) and r["dense_macs"] == net.dense_macs((32, 32)) == 40813184
+    assert r["flops_reduction"] == pytest.approx(1 - net.macs((32, 32)) / 40813184)
+    dense = load_checkpoint(os.path.join(dense_synthetic, "last.pth"))["state_dict"]
+    assert net.layers[0].kept_index.tolist() == l1_top_channels(dense["layer1.0.conv1.weight"], 8).tolist()
+    groups = ck["optimizer"]["param_groups"]  # make_optimizer: one backbone group, as for --dense
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 5e-4 and groups[0]["nesterov"]
+    data = build_dataset("synthetic", train_subset=SYNTH["train_subset"], test_subset=SYNTH["test_subset"])
+    m = evaluate(net, eval_batches(data.test, 32))
+    assert m["top1"] == r["top1"] and m["mean_macs"] == r["macs"]
+    with pytest.raises(CheckpointError, match="static-pruned resnet20 \\(no gates\\)"):
+        rebuild_model(ck, r["checkpoint"], gated=True)  # what compile() does
+
+
+def test_static_run_resumes_bit_identical(static_run, tmp_path, monkeypatch):
+    """A static run killed after epoch 0 resumes from its checkpoint's widths to the uninterrupted result."""
+    kw, r = static_run
+    kw = dict(kw, save_path=str(tmp_path))
+    _train_until_crash(kw, 0, monkeypatch)
+    resumed = train(**kw, resume=True)
+    assert resumed["widths"] == r["widths"] and resumed["top1"] == r["top1"]
+    assert state_dicts_equal(load_checkpoint(resumed["checkpoint"])["state_dict"],
+                             load_checkpoint(r["checkpoint"])["state_dict"])
+    with pytest.raises(UsageError, match=r"--static_keep 0.25 \(checkpoint: 0.5\)"):
+        train(**dict(kw, static_keep=0.25), resume=True)
+
+
+def test_static_target_macs_and_flops_cli(tmp_path, dense_synthetic, capsys):
+    """--static_target_macs picks keep_for_target_macs' ratio; manidp-flops reports the run's MACs."""
+    from manidp.flops_cli import main as flops_main
+    r = train(**_static_args(tmp_path, dense_synthetic, static_keep=None, static_target_macs=0.4, epochs=1,
+                             deterministic=False))
+    dense = rebuild_model(load_checkpoint(os.path.join(dense_synthetic, "last.pth")), dense_synthetic)
+    keep = keep_for_target_macs(dense, 0.4, (32, 32))
+    assert r["macs"] == static_macs(dense, keep, (32, 32)) and abs(r["macs"] / r["dense_macs"] - 0.4) < 0.03
+    capsys.readouterr()
+    assert flops_main(["--checkpoint", r["checkpoint"], "--dataset", "synthetic", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["mean_macs"] == r["macs"] and rep["dense_macs"] == r["dense_macs"] and rep["top1"] == r["top1"]
+
+
+def test_static_cli_final_line(tmp_path, dense_synthetic, capsys):
+    """manidp-train --static_keep: exit 0 and a final line with top-1, MACs and the FLOPs reduction."""
+    code = main(["--arch", "resnet20", "--static_keep", "0.25", "--pretrain_path", dense_synthetic, "--epochs", "1",
+                 "--dataset", "synthetic", "--train_subset", "32", "--test_subset", "16", "--batch_size", "16",
+                 "--ngpu", "0", "--manualSeed", "1", "--save_path", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "block widths [4, 4, 4, 8, 8, 8, 16, 16, 16]" in out
+    assert "done: top1" in out and "M of 40.813M dense  flops reduction" in out
+
+
+# ----------------------------------------------------------------------------- benchmarks/fashion_mnist.py
+
+def _orchestrator():
+    """benchmarks/fashion_mnist.py as a module."""
+    return load_script("fashion_mnist")
+
+
+def test_orchestrator_reproduces_the_queue_commands():
+    """The orchestrator's flags define the same runs as hand-typed manidp-train commands (so it adopts them)."""
+    fm = _orchestrator()
+    args = fm.parse_args(["--seeds", "1,2", "--dense-epochs", "15", "--epochs", "10", "--targets", "0.6,0.5",
+                          "--fbs-targets", "0.6"])
+    common = "--dataset fashion-mnist --ngpu 0 --batch_size 128 --resume --quiet --save_path d".split()
+    by_hand = {
+        "dense": "--arch resnet20 --dense --epochs 15 --lr 0.1 --manualSeed 2",
+        "manidp": "--arch dyresnet20 --pretrain_path p --target_remain_rate 0.5 --lambda_lasso 5e-3 "
+                  "--lambda_graph 1.0 --epochs 10 --lr 0.05 --manualSeed 2",
+        "fbs": "--arch dyresnet20 --pretrain_path p --target_remain_rate 0.6 --lambda_lasso 5e-3 "
+               "--lambda_graph 0.0 --epochs 10 --lr 0.05 --manualSeed 2",
+    }
+    ours = {"dense": fm.dense_flags(args), "manidp": fm.gated_flags(args, "p", 0.5, args.lambda_graph),
+            "fbs": fm.gated_flags(args, "p", 0.6, 0.0)}
+    parse = build_parser().parse_args
+    for method, flags in ours.items():
+        asked = parse(fm.common_flags(args, 2) + flags + ["--save_path", "d"])
+        assert defining_arg_differences(asked, vars(parse(common + by_hand[method].split()))) == [], method
+
+
+def test_orchestrator_every_method_in_process(tmp_path, monkeypatch):
+    """Dense, ManiDP, FBS-like, static matched to ManiDP's FLOPs and static at a keep ratio, every one a
+    manidp-train run (called in-process here to keep the test short); a rerun trains nothing; a finished
+    run with other settings stops the script."""
+    fm = _orchestrator()
+    calls = []
+
+    def in_process(flags, log):
+        """manidp-train in this process (the orchestrator runs it as a child)."""
+        calls.append(flags)
+        return main(flags)
+    monkeypatch.setattr(fm, "run_child", in_process)
+    runs, out = tmp_path / "runs", tmp_path / "r.json"
+    argv = ["--dataset", "synthetic", "--seeds", "4", "--train-subset", "32", "--test-subset", "16", "--batch-size",
+            "16", "--dense-epochs", "1", "--epochs", "1", "--targets", "0.6", "--fbs-targets", "0.6",
+            "--static-keeps", "0.5", "--no-timing", "--runs", str(runs), "--out", str(out)]
+    assert fm.main(argv) == 0 and len(calls) == 5
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("keep") or r.get("matched_to_target") for r in rows if r["method"].startswith("static")] == \
+        [0.6, 0.5]
+    base = runs / "resnet20_s4"
+    manidp = read_checkpoint(str(base / "manidp_t0.6" / "last.pth"))
+    matched = read_checkpoint(str(base / "static_t0.6" / "last.pth"))["args"]
+    keep = read_checkpoint(str(base / "static_k0.5" / "last.pth"))["args"]
+    reduction = manidp["state"]["metrics"]["flops_reduction"]
+    assert matched["static_target_macs"] == min(1.0 - reduction, 1.0) and keep["static_keep"] == 0.5
+    assert read_checkpoint(str(base / "fbs_t0.6" / "last.pth"))["args"]["lambda_graph"] == 0.0
+    for a in (matched, keep):
+        assert (a["epochs"], a["lr"], a["batch_size"], a["manualSeed"]) == \
+            tuple(manidp["args"][k] for k in ("epochs", "lr", "batch_size", "manualSeed"))
+    assert fm.main(argv) == 0 and len(calls) == 5  # finished runs are skipped
+    md = tmp_path / "r.md"
+    fm.main(["summarize", str(md), str(out)])
+    assert "keep 0.5" in md.read_text() and "FLOPs of ManiDP 0.6" in md.read_text()
+    argv[argv.index("--epochs") + 1] = "2"
+    assert fm.main(argv) == 1 and len(calls) == 5
+
+
+def test_orchestrator_ablation_child_processes(tmp_path, monkeypatch):
+    """--ablation: dense, then ManiDP reaching the target at the end and at 60% of the epochs, each a
+    manidp-train child process; a result JSON and a Markdown table."""
+    fm = _orchestrator()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "ablation.json"
+    assert fm.main(["--ablation", "--dataset", "synthetic", "--seeds", "1", "--train-subset", "32", "--test-subset",
+                    "16", "--batch-size", "16", "--dense-epochs", "1", "--epochs", "3", "--runs",
+                    str(tmp_path / "runs"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r.get("target_epoch_frac")) for r in rows] == \
+        [("dense", None), ("manidp", 1.0), ("manidp", 0.6)]
+    base = tmp_path / "runs" / "resnet20_s1"
+    early = read_checkpoint(str(base / "manidp_t0.6_f0.6" / "last.pth"))
+    at_end = read_checkpoint(str(base / "manidp_t0.6" / "last.pth"))
+    assert early["args"]["target_epoch_frac"] == 0.6 and early["args"]["train_subset"] == 32
+    assert [h["remain_rate"] for h in early["state"]["history"]] == [1.0, pytest.approx(0.6), pytest.approx(0.6)]
+    assert [h["remain_rate"] for h in at_end["state"]["history"]] == [1.0, pytest.approx(0.7), pytest.approx(0.6)]
+    assert "reached at 60% of the epochs" in (tmp_path / "ablation.md").read_text()
 
 
 # ----------------------------------------------------------------------------- real data

@@ -26,7 +26,8 @@ Modules: :mod:`~manidp.bench.cli` (arguments and the run), :mod:`~manidp.bench.i
 export, ONNX Runtime and OpenVINO in child processes, :mod:`~manidp.bench.runtime_worker`),
 :mod:`~manidp.bench.timing` and :mod:`~manidp.bench.loop` (the measurement loop,
 shared with ``benchmarks/``), :mod:`~manidp.bench.environment`,
-:mod:`~manidp.bench.report` and :mod:`~manidp.bench.schema`.
+:mod:`~manidp.bench.report`, :mod:`~manidp.bench.schema` and :mod:`~manidp.bench.frontier`
+(accuracy against measured latency, used by ``benchmarks/accuracy_latency.py``).
 """
 
 from .cli import main
