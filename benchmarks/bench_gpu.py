@@ -340,7 +340,7 @@ def summarize(case):
 # ----------------------------------------------------------------------------- per-layer kernels
 def layer_bench(backends, dtypes, args, results):
     """Gated conv1/conv2 kernels at ~60% active channels vs the dense cuDNN conv of the same shape."""
-    from manidp.deploy.gpu_common import choose_block_m, min_block_m
+    from manidp.deploy.gpu_common import choose_block_m, min_block_m, weights_by_input, weights_by_output
     from manidp.kernels.build_config import MODE_CONV1, MODE_CONV2
     rows = []
     results["layers"] = rows
@@ -361,7 +361,7 @@ def layer_bench(backends, dtypes, args, results):
                 idx = torch.where(act, ar, ar + c).argsort(1).int().cuda()
                 cnt = act.sum(1).int().cuda()
                 g = torch.rand(batch, c, generator=gen).cuda() + 0.5
-                wl = w.permute(0, 2, 3, 1).reshape(c, 9, cin).contiguous()
+                wl = weights_by_output(w)
                 wcl = w.contiguous(memory_format=torch.channels_last)
                 xn = x.permute(0, 2, 3, 1)
                 bm = choose_block_m(batch, ho * ho, c, torch.cuda.get_device_properties(0).multi_processor_count,
@@ -385,11 +385,11 @@ def layer_bench(backends, dtypes, args, results):
                     if stride == 1 and cin == c:
                         a, _ = conv(xn, wl, b, None, None, idx, cnt, g, None, 1, 3, MODE_CONV1, bm, True, False)
                         act2 = torch.rand(batch, c, generator=gen) < 0.6
-                        idx2 = torch.where(act2, ar, ar + c).argsort(1).int().cuda()
-                        cnt2 = act2.sum(1).int().cuda()
-                        macs2 = float((cnt.cpu().double() * cnt2.cpu().double()).sum()) * 9 * ho * ho
-                        r2 = cuda_time(lambda _: conv(a, wl, b, idx, cnt, idx2, cnt2, g, xn.contiguous(), 1, 3,
-                                                      MODE_CONV2, bm, True, False), [None], budget_s=0.3)
+                        g2 = g * act2.cuda()  # the gate writes zero for inactive channels
+                        w2, res = weights_by_input(w), xn.contiguous()
+                        macs2 = float((cnt.cpu().double() * act2.sum(1).double()).sum()) * 9 * ho * ho
+                        r2 = cuda_time(lambda _: conv(a, w2, b, idx, cnt, None, None, g2, res, 1, 3, MODE_CONV2, bm,
+                                                      True, False), [None], budget_s=0.3)
                         row[f"{bk}_conv2_ms"] = r2["median_ms"]
                         row[f"{bk}_conv2_tflops"] = 2 * macs2 / r2["median_ms"] / 1e9
                 rows.append(row)

@@ -57,15 +57,21 @@ def short_kernel_name(mangled: str) -> str:
     return re.sub(r"^.*::", "", name.split("<")[0]) + ("<" + name.split("<", 1)[1] if "<" in name else "")
 
 
+CUDA_SASS_COLUMNS = ("HMMA", "LDGSTS", "LDG.E.128", "LDG.E.U16", "LDL", "STL")
+
+
 def cuda_table() -> list:
-    """Markdown lines of the CUDA kernels' ``ptxas -v`` statistics (sm_90, setup.py's nvcc flags)."""
+    """Markdown lines of the CUDA kernels' ``ptxas -v`` statistics and instruction mix (sm_90, setup.py's nvcc
+    flags)."""
     from manidp.kernels import aot
-    lines = ["| source | kernel | registers | spill B (st/ld) | static smem B |", "|---|---|---|---|---|"]
+    lines = ["| source | kernel | registers | spill B (st/ld) | static smem B | " + " | ".join(CUDA_SASS_COLUMNS) + " |",
+             "|" + "---|" * (5 + len(CUDA_SASS_COLUMNS))]
     for src in aot.cuda_sources():
-        for kernel, s in aot.nvcc_ptxas_stats(src).items():
-            short = short_kernel_name(kernel)
-            lines.append(f"| {os.path.basename(src)} | `{short}` | {s['registers']} | "
-                         f"{s['spill_stores']}/{s['spill_loads']} | {s['smem_static']} |")
+        for kernel, s in aot.nvcc_kernel_stats(src).items():
+            sass = s.get("sass", {})
+            lines.append(f"| {os.path.basename(src)} | `{short_kernel_name(kernel)}` | {s['registers']} | "
+                         f"{s['spill_stores']}/{s['spill_loads']} | {s['smem_static']} | " +
+                         " | ".join(str(sass.get(c, 0)) for c in CUDA_SASS_COLUMNS) + " |")
     return lines
 
 

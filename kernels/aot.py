@@ -21,7 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-__all__ = ["AotCase", "CASES", "compile_case", "kernel_stats", "all_stats", "tool"]
+__all__ = ["AotCase", "CASES", "compile_case", "kernel_stats", "all_stats", "tool", "nvcc_ptxas_stats",
+           "nvcc_kernel_stats"]
 
 SM = 90
 # Instructions counted in the SASS: tensor cores (HGMMA: wgmma; HMMA: mma.sync), async copies
@@ -102,10 +103,10 @@ def _conv_source(case: AotCase):
     p, mode = f"*{case.dtype}", CONV_MODES[case.mode]
     sig = {"x_ptr": p, "w_ptr": p, "bias_ptr": "*fp32", "in_idx_ptr": "*i32", "in_cnt_ptr": "*i32",
            "out_idx_ptr": "*i32", "out_cnt_ptr": "*i32", "gate_ptr": "*fp32", "res_ptr": p, "out_ptr": p,
-           "part_ptr": "*fp32",
-           **{k: "i32" for k in ["NB", "H", "W", "HO", "WO", "CIN_BUF", "CIN", "COUT", "T", "NB_BUCKET"]}}
+           "part_ptr": "*fp32", "ws_ptr": "*fp32", "sem_ptr": "*i32",
+           **{k: "i32" for k in ["NB", "H", "W", "HO", "WO", "CIN_BUF", "CIN", "COUT", "T", "NB_BUCKET", "SPLIT"]}}
     const = dict(STRIDE=case.stride, KS=case.ksize, PAD=case.ksize // 2, MODE=mode,
-                 HAS_IN_IDX=mode == MODE_CONV2, HAS_OUT_IDX=mode != MODE_PLAIN, WRITE_PART=mode != MODE_PLAIN,
+                 HAS_IN_IDX=mode == MODE_CONV2, WRITE_PART=mode != MODE_PLAIN,
                  PRECISION=case.precision, UPCAST=False, BLOCK_M=case.block_m, **case.meta)
     divisible = [k for k in sig if k.endswith("_ptr")] + [k for k in ("CIN_BUF", "CIN", "COUT")
                                                            if k not in SHAPE_ARGS]
@@ -172,8 +173,12 @@ def parse_ptxas_v(text: str) -> Dict[str, int]:
 
 def sass_counts(cubin: bytes) -> Dict[str, int]:
     """How many times each opcode of :data:`OPCODES` occurs in the SASS of ``cubin`` (``cuobjdump -sass``)."""
-    text = _run_tool("cuobjdump", cubin, "k.cubin", lambda path, d: ["-sass", path])
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", text)
+    return opcode_counts(_run_tool("cuobjdump", cubin, "k.cubin", lambda path, d: ["-sass", path]))
+
+
+def opcode_counts(sass: str) -> Dict[str, int]:
+    """How many times each opcode of :data:`OPCODES` occurs in ``cuobjdump -sass`` text."""
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)", sass)
     return {name: sum(1 for o in ops if _is_opcode(o, name)) for name in OPCODES}
 
 
@@ -235,20 +240,44 @@ def nvcc_ptxas_stats(source: str, arch: str = "sm_90") -> Dict[str, Dict[str, in
 
     Returns ``{kernel (mangled name): {"registers", "spill_stores", "spill_loads", "smem_static"}}``.
     """
+    with tempfile.TemporaryDirectory() as d:
+        return parse_ptxas_per_function(_nvcc_compile(source, arch, os.path.join(d, "k.o")))
+
+
+def nvcc_kernel_stats(source: str, arch: str = "sm_90") -> Dict[str, Dict]:
+    """:func:`nvcc_ptxas_stats` of one CUDA source with, per kernel, ``"sass"``: its :func:`opcode_counts`."""
+    with tempfile.TemporaryDirectory() as d:
+        obj = os.path.join(d, "k.o")
+        stats = parse_ptxas_per_function(_nvcc_compile(source, arch, obj))
+        with open(obj, "rb") as f:
+            sass = _run_tool("cuobjdump", f.read(), "k.o", lambda path, tmp: ["-sass", path])
+    for name, text in _sass_per_function(sass).items():
+        if name in stats:
+            stats[name]["sass"] = opcode_counts(text)
+    return stats
+
+
+def _nvcc_compile(source: str, arch: str, obj: str) -> str:
+    """Compile ``source`` to the object file ``obj`` with ``setup.py``'s nvcc flags; the ``ptxas -v`` output."""
     import torch.utils.cpp_extension as ext
     from . import build_config
     nvcc = shutil.which("nvcc") or os.path.join(ext.CUDA_HOME or "/usr/local/cuda", "bin", "nvcc")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     includes = [f"-I{p}" for p in ext.include_paths(device_type="cuda")] + [f"-I{os.path.join(root, 'csrc')}"]
-    with tempfile.TemporaryDirectory() as d:
-        cmd = [nvcc, "-c", source, "-o", os.path.join(d, "k.o"), f"-arch={arch}", "-Xptxas", "-v",
-               "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-               "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-               *build_config.nvcc_flags(), *includes]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = [nvcc, "-c", source, "-o", obj, f"-arch={arch}", "-Xptxas", "-v",
+           "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+           *build_config.nvcc_flags(), *includes]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source}: {r.stderr[-3000:]}")
-    return parse_ptxas_per_function(r.stderr + r.stdout)
+    return r.stderr + r.stdout
+
+
+def _sass_per_function(sass: str) -> Dict[str, str]:
+    """``cuobjdump -sass`` text split per kernel: ``{mangled name: its SASS}``."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
 
 
 def parse_ptxas_per_function(text: str) -> Dict[str, Dict[str, int]]:

@@ -1,7 +1,8 @@
 """The numbers and flags every build of the manidp kernels shares, defined once (docs/DESIGN.md 7.2, 7.5).
 
 * Mode numbers of the ops: the strategies of the CPU op ``manidp::gated_block``, the epilogues of
-  the GPU op ``manidp::gated_conv`` and its CUDA kernel choices.  Python and the Triton kernels
+  the GPU op ``manidp::gated_conv`` and its CUDA kernel choices; the channel padding of its conv1
+  output.  Python and the Triton kernels
   import them from here; the C++ and CUDA sources receive them as compile definitions
   (:func:`define_flags`, read in ``csrc/manidp_common.h``), so no source holds a second copy.
 * Compiler flags of the C++ and CUDA sources, used by ``setup.py`` and by the JIT build of
@@ -25,6 +26,12 @@ it and SIMT otherwise, 1 the SIMT kernel, 2 the WMMA kernel."""
 
 MODE_PLAIN, MODE_CONV1, MODE_CONV2 = CONV_MODES["plain"], CONV_MODES["conv1"], CONV_MODES["conv2"]
 
+CHANNEL_PAD = 16
+"""The conv1 mode of ``manidp::gated_conv`` writes zeros after its compact output's active channels up
+to a multiple of this many channels, and conv2 kernels may read them (docs/DESIGN.md 7.2): a bound
+divisible by 16 lets every dtype's input tile be read 16 bytes at a time, and 16 is the
+divisibility Triton specialises integer arguments on."""
+
 CXX_FLAGS = ["-O3", "-std=c++20"]
 NVCC_FLAGS = CXX_FLAGS + ["--use_fast_math"]
 OPENMP_FLAGS = ["-fopenmp"]  # the CPU sources parallelise with OpenMP (through ATen)
@@ -32,9 +39,11 @@ DEFAULT_CUDA_ARCH = "9.0"    # H100/H200; TORCH_CUDA_ARCH_LIST overrides it
 
 
 def definitions():
-    """``(macro, value)`` pairs of every mode number, e.g. ``("MANIDP_CONV_MODE_CONV1", 1)``."""
+    """``(macro, value)`` pairs of every mode number, e.g. ``("MANIDP_CONV_MODE_CONV1", 1)``, and of
+    :data:`CHANNEL_PAD`."""
     groups = (("BLOCK_MODE", BLOCK_MODES), ("CONV_MODE", CONV_MODES), ("CONV_IMPL", CONV_IMPLS))
-    return [(f"MANIDP_{group}_{name.upper()}", value) for group, table in groups for name, value in table.items()]
+    modes = [(f"MANIDP_{group}_{name.upper()}", value) for group, table in groups for name, value in table.items()]
+    return modes + [("MANIDP_CHANNEL_PAD", CHANNEL_PAD)]
 
 
 def define_flags():

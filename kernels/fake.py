@@ -16,9 +16,10 @@ import torch
 from manidp import _C  # noqa: F401  (defines the schemas the fakes attach to)
 from manidp.flops import conv_out_size
 
-from .build_config import MODE_PLAIN
+from .build_config import MODE_CONV2, MODE_PLAIN
 
-__all__ = ["part_tiles", "gated_conv_shapes", "gate_compact", "gated_block", "gpu_gate", "gated_conv"]
+__all__ = ["part_tiles", "conv_weight_dims", "gated_conv_shapes", "gate_compact", "gated_block", "gpu_gate",
+           "gated_conv"]
 
 Shape = Tuple[int, ...]
 
@@ -28,13 +29,23 @@ def part_tiles(hwo: int, block_m: int) -> int:
     return -(-hwo // block_m)
 
 
+def conv_weight_dims(w_shape: Shape, mode: int) -> Tuple[int, int, int]:
+    """``(cout, taps, cin)`` of ``gated_conv``'s weights: (Cout, k*k, Cin), or (k*k, Cin, Cout) in the conv2 mode."""
+    if mode == MODE_CONV2:
+        taps, cin, cout = w_shape
+    else:
+        cout, taps, cin = w_shape
+    return cout, taps, cin
+
+
 def gated_conv_shapes(x_shape: Shape, w_shape: Shape, stride: int, ksize: int, mode: int, block_m: int,
                       write_part: bool) -> Tuple[Shape, Shape]:
-    """Shapes of ``gated_conv``'s ``(out, part)`` for channels-last ``x`` (N, H, W, Cbuf) and ``w`` (Cout, k*k, Cin)."""
+    """Shapes of ``gated_conv``'s ``(out, part)`` for channels-last ``x`` (N, H, W, Cbuf) and weights ``w``
+    (:func:`conv_weight_dims`)."""
     n, h, w, _ = x_shape
     pad = ksize // 2
     ho, wo = conv_out_size(h, ksize, stride, pad), conv_out_size(w, ksize, stride, pad)
-    cout = w_shape[0]
+    cout = conv_weight_dims(w_shape, mode)[0]
     tiles = part_tiles(ho * wo, block_m) if write_part and mode != MODE_PLAIN else 0
     return (n, ho, wo, cout), (n, tiles, cout)
 

@@ -10,7 +10,8 @@ training).
 
 Outputs:
 
-* ``g``   (N, C) fp32 gate values (pre-threshold);
+* ``g``   (N, C) fp32 gate values of the active channels, zero for the others (conv2 reads its
+  active channels from ``g > 0``);
 * ``idx`` (N, C) int32, per instance a permutation of ``0..C-1``: the active
   channels (``g >= thr`` and ``g > 0``) ascending, then the inactive ones
   (in descending order, filled from the end);
@@ -75,7 +76,7 @@ def _gate(
         ea = tl.cumsum(ai, axis=1) - ai
         ei = tl.cumsum(ii, axis=1) - ii
         pos = tl.where(act, run_a[:, None] + ea, C - 1 - (run_i[:, None] + ei))
-        tl.store(g_ptr + rb64[:, None] * C + rc[None, :], g, mask=valid)
+        tl.store(g_ptr + rb64[:, None] * C + rc[None, :], tl.where(act, g, 0.0), mask=valid)
         tl.store(idx_ptr + rb64[:, None] * C + pos, (rc[None, :] + 0 * pos).to(tl.int32), mask=valid)
         run_a += tl.sum(ai, axis=1)
         run_i += tl.sum(ii, axis=1)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from conftest import calibrated
 
 from manidp.deploy import DynamicResNet
-from manidp.kernels.build_config import CONV_IMPLS, MODE_CONV1, MODE_CONV2, MODE_PLAIN
+from manidp.deploy.gpu_common import weights_by_input, weights_by_output
+from manidp.kernels.build_config import CHANNEL_PAD, CONV_IMPLS, MODE_CONV1, MODE_CONV2, MODE_PLAIN
 
 pytestmark = pytest.mark.gpu
 
@@ -123,15 +124,17 @@ def varied_active(n, c, gen):
     return act
 
 
-def wl(w):
-    """(Cout, Cin, k, k) -> the (Cout, k*k, Cin) layout the conv op reads."""
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1, w.shape[1]).contiguous()
+def padded_count(k: int, c: int) -> int:
+    """Positions of a compact conv1 output that conv2 may read: ``k`` rounded up to CHANNEL_PAD, at most ``c``."""
+    return min(-(-k // CHANNEL_PAD) * CHANNEL_PAD, c)
 
 
 def check_gate(g, idx, cnt, g_ref, thr):
-    """Gate values, counts, active lists and the permutation of ``idx`` against a float64 reference."""
-    assert rel_err(g, g_ref) < 1e-5
+    """Gate values (zero for inactive channels), counts, active lists and the permutation of ``idx`` against a
+    float64 reference."""
     act = (g_ref >= thr.double()) & (g_ref > 0)
+    assert rel_err(g, torch.where(act, g_ref, 0.0)) < 1e-5
+    assert torch.all(g[~act] == 0)
     assert torch.equal(cnt.long(), act.sum(1))
     c = g.shape[1]
     for i in range(g.shape[0]):
@@ -222,8 +225,8 @@ def test_conv_plain_mode(kind, dtype, ks, stride, n, h, w, cin, c, bm, big):
     _skip_unsupported(kind, dtype, dev, big)
     x, wt, b = _conv_inputs(n, cin, c, h, w, ks, dtype, dev, torch.Generator().manual_seed(ks * 10 + stride + h))
     poison(dev)
-    out, part = conv(x.permute(0, 2, 3, 1).contiguous(), wl(wt), b, None, None, None, None, None, None, stride, ks,
-                     MODE_PLAIN, bm, True, False)
+    out, part = conv(x.permute(0, 2, 3, 1).contiguous(), weights_by_output(wt), b, None, None, None, None, None, None,
+                     stride, ks, MODE_PLAIN, bm, True, False)
     sync(dev)
     ref = F.conv2d(x.double(), wt.double(), b.double(), stride=stride, padding=ks // 2).permute(0, 2, 3, 1)
     assert out.shape == ref.shape and out.dtype == dtype and part.shape[1] == 0
@@ -245,8 +248,8 @@ def test_conv1_mode(kind, dtype, stride, n, h, w, cin, c, bm, big):
     g = (torch.rand(n, c, generator=gen) + 0.1).to(dev)
     idx, cnt = (t.to(dev) for t in perm_from_active(varied_active(n, c, gen)))
     poison(dev)
-    a, part = conv(x.permute(0, 2, 3, 1).contiguous(), wl(wt), b, None, None, idx, cnt, g, None, stride, 3,
-                   MODE_CONV1, bm, True, False)
+    a, part = conv(x.permute(0, 2, 3, 1).contiguous(), weights_by_output(wt), b, None, None, idx, cnt, g, None,
+                   stride, 3, MODE_CONV1, bm, True, False)
     sync(dev)
     full = F.conv2d(x.double(), wt.double(), b.double(), stride=stride, padding=1)
     full = F.relu(full * g.double()[:, :, None, None]).permute(0, 2, 3, 1)
@@ -255,6 +258,7 @@ def test_conv1_mode(kind, dtype, stride, n, h, w, cin, c, bm, big):
     for i in range(n):
         k = int(cnt[i])
         ch = idx[i, :k].long()
+        assert torch.all(a[i, :, :, k:padded_count(k, c)] == 0), "conv1 pads its compact output with zeros"
         if k:
             assert rel_err(a[i, :, :, :k], full[i][..., ch]) < TOL[dtype]
             sums = torch.zeros(c, dtype=torch.float64, device=dev)
@@ -262,6 +266,32 @@ def test_conv1_mode(kind, dtype, stride, n, h, w, cin, c, bm, big):
             assert rel_err(part[i].sum(0), sums) < max(TOL[dtype], 1e-5)
         else:
             assert torch.all(part[i] == 0)
+
+
+def _conv2_inputs(n, h, w, c, dtype, dev, gen):
+    """conv2's operands: a compact input (zeros up to the padded count, NaN after), its dense float64 copy,
+    weights, bias, gate values zero for inactive channels, the residual, and the active sets."""
+    act1, act2 = varied_active(n, c, gen), varied_active(n, c, gen).flip(0)
+    idx1, cnt1 = (t.to(dev) for t in perm_from_active(act1))
+    a = torch.randn(n, h, w, c, generator=gen).relu().to(dev, dtype)
+    a_full = torch.zeros(n, c, h, w, dtype=torch.float64, device=dev)
+    for i in range(n):
+        k = int(cnt1[i])
+        a_full[i, idx1[i, :k].long()] = a[i, :, :, :k].permute(2, 0, 1).double()
+        a[i, :, :, k:] = 0.0  # conv1's zero padding ...
+        a[i, :, :, padded_count(k, c):] = float("nan")  # ... and positions past it must never be read
+    wt = (torch.randn(c, c, 3, 3, generator=gen) / (3 * c ** 0.5)).to(dev, dtype)
+    b = torch.randn(c, generator=gen).to(dev)
+    g2 = ((torch.rand(n, c, generator=gen) + 0.1) * act2).to(dev)
+    res = torch.randn(n, h, w, c, generator=gen).to(dev, dtype)
+    return a, a_full, idx1, cnt1, wt, b, g2, res, act2.to(dev)
+
+
+def conv2_reference(a_full, wt, b, g2, res, act2):
+    """relu(res + g2 * (conv + b)) on the active channels, relu(res) elsewhere, float64, channels-last."""
+    conv = F.conv2d(a_full, wt.double(), b.double(), padding=1) * g2.double()[:, :, None, None]
+    conv = conv.permute(0, 2, 3, 1)
+    return torch.where(act2[:, None, None, :], res.double() + conv, res.double()).relu()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -272,28 +302,71 @@ def test_conv2_mode(kind, dtype, n, h, w, c, bm, big):
     """conv2: residual + gate-scaled conv of the compact input on the active channels, relu(residual) elsewhere."""
     _, conv, dev = contract_ops(kind)
     _skip_unsupported(kind, dtype, dev, big)
-    gen = torch.Generator().manual_seed(h + c)
-    act1, act2 = varied_active(n, c, gen), varied_active(n, c, gen).flip(0)
-    idx1, cnt1 = (t.to(dev) for t in perm_from_active(act1))
-    idx2, cnt2 = (t.to(dev) for t in perm_from_active(act2))
-    a = torch.randn(n, h, w, c, generator=gen).relu().to(dev, dtype)
-    a_full = torch.zeros(n, c, h, w, dtype=torch.float64, device=dev)
-    for i in range(n):
-        k = int(cnt1[i])
-        a_full[i, idx1[i, :k].long()] = a[i, :, :, :k].permute(2, 0, 1).double()
-        a[i, :, :, k:] = float("nan")  # positions past the count must never be read
-    wt = (torch.randn(c, c, 3, 3, generator=gen) / (3 * c ** 0.5)).to(dev, dtype)
-    b = torch.randn(c, generator=gen).to(dev)
-    g2 = (torch.rand(n, c, generator=gen) + 0.1).to(dev)
-    res = torch.randn(n, h, w, c, generator=gen).to(dev, dtype)
+    a, a_full, idx1, cnt1, wt, b, g2, res, act2 = _conv2_inputs(n, h, w, c, dtype, dev,
+                                                                torch.Generator().manual_seed(h + c))
     poison(dev)
-    out, part = conv(a, wl(wt), b, idx1, cnt1, idx2, cnt2, g2, res, 1, 3, MODE_CONV2, bm, True, False)
+    out, part = conv(a, weights_by_input(wt), b, idx1, cnt1, None, None, g2, res, 1, 3, MODE_CONV2, bm, True, False)
     sync(dev)
-    conv_ref = F.conv2d(a_full, wt.double(), b.double(), padding=1) * g2.double()[:, :, None, None]
-    conv_ref = conv_ref.permute(0, 2, 3, 1)
-    ref = torch.where(act2.to(dev)[:, None, None, :], res.double() + conv_ref, res.double()).relu()
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, conv2_reference(a_full, wt, b, g2, res, act2)) < TOL[dtype]
     assert rel_err(part.sum(1), out.double().sum((1, 2))) < 1e-5
+
+
+@pytest.fixture
+def split_small_grids(monkeypatch):
+    """Make the Triton op believe it runs on a GPU of 1000 multiprocessors, so that the small grids of these
+    tests split their reductions (docs/DESIGN.md 7.4); yields the split counts of its launches."""
+    from manidp.kernels import ops
+    splits = []
+    split_k = ops.split_k
+
+    def recording_split_k(*args):
+        splits.append(split_k(*args))
+        return splits[-1]
+
+    monkeypatch.setattr(ops, "num_sms", lambda device: 1000)
+    monkeypatch.setattr(ops, "split_k", recording_split_k)
+    return splits
+
+
+SPLIT_SHAPE = dict(n=3, h=6, w=7, c=64, bm=32)
+
+
+def test_triton_split_k_conv1(split_small_grids):
+    """conv1 with each tile's reduction split over programs: the last one sums the shares in split order, so
+    the output matches the reference and repeats bit for bit."""
+    _, conv, dev = contract_ops("triton")
+    n, h, w, c, bm = SPLIT_SHAPE.values()
+    gen = torch.Generator().manual_seed(7)
+    x, wt, b = _conv_inputs(n, c, c, h, w, 3, torch.float32, dev, gen)
+    g = (torch.rand(n, c, generator=gen) + 0.1).to(dev)
+    idx, cnt = (t.to(dev) for t in perm_from_active(varied_active(n, c, gen)))
+    args = (x.permute(0, 2, 3, 1).contiguous(), weights_by_output(wt), b, None, None, idx, cnt, g, None, 1, 3,
+            MODE_CONV1, bm, True, False)
+    a, part = conv(*args)
+    assert split_small_grids and min(split_small_grids) > 1
+    full = F.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1) * g.double()[:, :, None, None])
+    a_again, part_again = conv(*args)
+    assert torch.equal(part_again, part)
+    for i in range(n):
+        k = int(cnt[i])
+        if k:
+            assert rel_err(a[i, :, :, :k], full[i][idx[i, :k].long()].permute(1, 2, 0)) < TOL[torch.float32]
+        written = padded_count(k, c)  # conv1 leaves the positions past its zero padding as they were
+        assert torch.equal(a_again[i, :, :, :written], a[i, :, :, :written])
+
+
+def test_triton_split_k_conv2(split_small_grids):
+    """conv2 with each tile's reduction split over programs, as :func:`test_triton_split_k_conv1`."""
+    _, conv, dev = contract_ops("triton")
+    n, h, w, c, bm = SPLIT_SHAPE.values()
+    a, a_full, idx1, cnt1, wt, b, g2, res, act2 = _conv2_inputs(n, h, w, c, torch.float32, dev,
+                                                                torch.Generator().manual_seed(8))
+    args = (a, weights_by_input(wt), b, idx1, cnt1, None, None, g2, res, 1, 3, MODE_CONV2, bm, True, False)
+    out, part = conv(*args)
+    assert split_small_grids and min(split_small_grids) > 1
+    assert rel_err(out, conv2_reference(a_full, wt, b, g2, res, act2)) < TOL[torch.float32]
+    out_again, part_again = conv(*args)
+    assert torch.equal(out_again, out) and torch.equal(part_again, part)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -159,6 +159,18 @@ def test_engine_forward_with_debug_checks(monkeypatch):
 
 
 @interpreted
+def test_blocks_split_k(monkeypatch):
+    """Blocks whose convs split their reductions over programs (as small batches do on a GPU) match the reference."""
+    from manidp.kernels import ops
+    monkeypatch.setattr(ops, "num_sms", lambda device: 1000)
+    engine, x = make_engine(size=9, n=2)
+    backend = TritonBackend()
+    backend.prepare(engine)
+    for blk, h in block_inputs(engine, x, STAGE_BLOCKS):
+        check_block(blk, h, backend)
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_blocks_half_precision(dtype):
     engine, x = make_engine(size=8, n=2, keep=0.6)
@@ -184,6 +196,27 @@ def test_conv_rejects_offsets_past_int32():
     with pytest.raises(ValueError, match="grid z"):
         gated_conv_impl(torch.empty(70000, 2, 2, 64, **meta), w, b, None, None, None, None, None, None, 1, 1,
                         MODE_PLAIN, 64, False, False)
+
+
+@compiled
+def test_conv_argument_errors_name_what_was_expected():
+    """conv2 takes (k*k, Cin, Cout) weights and reads its active channels from the gate, not from out_idx."""
+    from manidp.kernels.build_config import MODE_CONV1, MODE_CONV2
+    from manidp.kernels.ops import gated_conv_impl
+    meta = dict(device="meta", dtype=torch.float16)
+    n, c = 2, 32
+    a, res = torch.empty(n, 4, 4, c, **meta), torch.empty(n, 4, 4, c, **meta)
+    b, g = torch.empty(c, device="meta"), torch.empty(n, c, device="meta")
+    idx, cnt = torch.empty(n, c, device="meta", dtype=torch.int32), torch.empty(n, device="meta", dtype=torch.int32)
+    with pytest.raises(ValueError, match="\\(k\\*k, Cin, Cout\\) in the conv2 mode"):
+        gated_conv_impl(a, torch.empty(c, 9, c + 1, **meta), b, idx, cnt, None, None, g, res, 1, 3, MODE_CONV2, 64,
+                        True, False)
+    with pytest.raises(ValueError, match="belong to the conv1 mode"):
+        gated_conv_impl(a, torch.empty(9, c, c, **meta), b, idx, cnt, idx, cnt, g, res, 1, 3, MODE_CONV2, 64, True,
+                        False)
+    with pytest.raises(ValueError, match="conv1 mode needs out_idx"):
+        gated_conv_impl(a, torch.empty(c, 9, c, **meta), b, None, None, None, None, g, None, 1, 3, MODE_CONV1, 64,
+                        True, False)
 
 
 @compiled

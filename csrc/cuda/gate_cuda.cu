@@ -5,8 +5,9 @@
 //   1. s[c]  = sum_t part[n, t, c] / hw                      (threads over c)
 //   2. h[k]  = relu(sum_c fc1[k, c] s[c])                    (a warp per row k, lanes over c)
 //   3. g[c]  = min(relu(sum_k fc2[c, k] h[k] + b[c]), clamp) (a warp per row c)
-//   4. active = g >= threshold && g > 0; compaction by warp ballots: active channels go to
-//      idx[n, 0..cnt) ascending, inactive ones fill idx[n] from the end (descending).
+//   4. active = g >= threshold && g > 0; g[n, c] is written for active channels, zero for the others
+//      (conv2 reads its active channels from g > 0); compaction by warp ballots: active channels go
+//      to idx[n, 0..cnt) ascending, inactive ones fill idx[n] from the end (descending).
 // All in fp32 (the threshold compares as in training).  The threshold is read on the
 // device: no host synchronisation.
 #include <ATen/ATen.h>
@@ -64,11 +65,7 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(
     float acc = 0.f;
     for (int k = lane; k < HID; k += 32) acc = fmaf(row[k], h[k], acc);
     acc = warp_sum(acc);
-    if (lane == 0) {
-      float v = fminf(fmaxf(acc + bias[c], 0.f), clamp_max);
-      g[c] = v;
-      g_out[static_cast<int64_t>(n) * C + c] = v;
-    }
+    if (lane == 0) g[c] = fminf(fmaxf(acc + bias[c], 0.f), clamp_max);
   }
   __syncthreads();
 
@@ -82,6 +79,7 @@ __global__ void __launch_bounds__(kGateThreads) gate_kernel(
     const float v = valid ? g[c] : 0.f;
     const bool act = valid && v >= thr && v > 0.f;
     const bool inact = valid && !act;
+    if (valid) g_out[static_cast<int64_t>(n) * C + c] = act ? v : 0.f;
     const unsigned ba = __ballot_sync(0xffffffffu, act);
     const unsigned bi = __ballot_sync(0xffffffffu, inact);
     if (lane == 0) {

@@ -20,8 +20,8 @@ from ..kernels.build_config import MODE_CONV1, MODE_CONV2, MODE_PLAIN
 from ..kernels.fake import part_tiles
 from .backends import BlockResult
 
-__all__ = ["num_sms", "min_block_m", "choose_block_m", "prepare_gpu_weights", "channels_last", "debug_checks",
-           "check_gate_permutation", "GPUBlockRunner"]
+__all__ = ["num_sms", "min_block_m", "choose_block_m", "weights_by_output", "weights_by_input", "prepare_gpu_weights",
+           "channels_last", "debug_checks", "check_gate_permutation", "GPUBlockRunner"]
 
 _SMS: Dict[int, int] = {}
 
@@ -58,17 +58,29 @@ def choose_block_m(n: int, hwo: int, cout: int, sms: int, min_rows: int = 32) ->
     return bm
 
 
+def weights_by_output(w: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, k, k) -> (Cout, k*k, Cin): the plain and conv1 layout of ``gated_conv``, rows read through the
+    output list and contiguous along the input channels."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], w.shape[2] * w.shape[3], w.shape[1]).contiguous()
+
+
+def weights_by_input(w: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, k, k) -> (k*k, Cin, Cout): the conv2 layout of ``gated_conv``, rows (tap, input channel) read
+    through the active-input list and contiguous along the output channels (docs/DESIGN.md 7.4)."""
+    return w.permute(2, 3, 1, 0).reshape(w.shape[2] * w.shape[3], w.shape[1], w.shape[0]).contiguous()
+
+
 def prepare_gpu_weights(engine, dtype: torch.dtype) -> None:
-    """Put each block's conv weights in the (Cout, k*k, Cin) compute-dtype layout the kernels read."""
+    """Put each block's conv weights in the compute-dtype layouts the kernels read: conv1 and the shortcut
+    :func:`weights_by_output`, conv2 :func:`weights_by_input`."""
     for blk in engine.blocks:
         c: dict = {}
         for part in ("conv1", "conv2", "shortcut"):
             if part == "shortcut" and not blk.has_shortcut:
                 continue
             p = getattr(blk, part)
-            w = p.weight
-            c[part + ".w"] = w.permute(0, 2, 3, 1).reshape(w.shape[0], w.shape[2] * w.shape[3], w.shape[1]) \
-                .to(dtype).contiguous()
+            layout = weights_by_input if part == "conv2" else weights_by_output
+            c[part + ".w"] = layout(p.weight.to(dtype))
             c[part + ".b"] = p.bias.float().contiguous()
         for part in ("gate1", "gate2"):
             gt = getattr(blk, part)
@@ -160,13 +172,14 @@ class GPUBlockRunner:
         g1, idx1, cnt1 = self._gate(part_in, hw_in, c["gate1"])
         a, part_a = self.gated_conv(x, c["conv1.w"], c["conv1.b"], None, None, idx1, cnt1, g1, None,
                                     blk.stride, 3, MODE_CONV1, bm, True, tf32)
-        g2, idx2, cnt2 = self._gate(part_a, ho * wo, c["gate2"])
+        g2, _, cnt2 = self._gate(part_a, ho * wo, c["gate2"])
         if blk.has_shortcut:
             res, _ = self.gated_conv(x, c["shortcut.w"], c["shortcut.b"], None, None, None, None, None, None,
                                      blk.stride, 1, MODE_PLAIN, bm, False, tf32)
         else:
             res = x
-        out, part_out = self.gated_conv(a, c["conv2.w"], c["conv2.b"], idx1, cnt1, idx2, cnt2, g2, res,
+        # conv2 reads its active output channels from g2 > 0 (the gate zeroes the others).
+        out, part_out = self.gated_conv(a, c["conv2.w"], c["conv2.b"], idx1, cnt1, None, None, g2, res,
                                         1, 3, MODE_CONV2, bm, True, tf32)
         out_nchw = out.permute(0, 3, 1, 2)
         self._carry = (out_nchw, part_out, ho * wo)
