@@ -169,6 +169,10 @@ class CpuNetwork : public torch::CustomClassHolder {
     stem_stride_ = stem[0];
     stem_padding_ = stem[1];
     stem_maxpool_ = stem[2] != 0;
+    // The CIFAR stem (3x3, stride 1, padding 1) is a gconv like the blocks' convs; the library
+    // conv costs more in call overhead than this small conv's arithmetic.
+    gconv_stem_ = stem_w_.size(2) == 3 && stem_w_.size(3) == 3 && stem_stride_ == 1 && stem_padding_ == 1 &&
+                  !stem_maxpool_;
     int64_t cin = stem_w_.size(0);
     for (size_t b = 0; b < strides.size(); ++b) {
       blocks_.push_back(make_block(&blocks[b * kTensorsPerBlock], cin, strides[b], clamp_max));
@@ -181,6 +185,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     rows_.resize(std::max<int64_t>(cin, 1));
     std::iota(rows_.begin(), rows_.end(), 0);
     for (const auto& B : blocks_) grow_rows(B.c);
+    grow_rows(stem_w_.size(0));
   }
 
   // Logits (N, classes) and the active counts (N, 2 * blocks) int32 of x (N, Cin, H, W).
@@ -188,7 +193,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     const at::NoGradGuard no_grad;  // inference only: weights are held detached
     detail::check_tensor("CpuNetwork.forward", "x", x, {-1, stem_w_.size(1), -1, -1}, "(N, Cin, H, W)");
     TORCH_CHECK(x.size(0) >= 1, "manidp.CpuNetwork.forward: x must hold at least one image; got shape ", x.sizes());
-    const at::Tensor h0 = stem(x);
+    const at::Tensor h0 = gconv_stem_ ? x.contiguous() : stem(x);  // gconv_stem_: the stem runs per instance
     const int64_t n = h0.size(0);
     const std::vector<BlockShape> shapes = block_shapes(h0.size(2), h0.size(3));
     const std::vector<detail::GateParams> gates = current_gates();
@@ -323,6 +328,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       const BlockShape& s = shapes[b];
       for (int i : {0, 1}) sizes[i] = std::max({sizes[i], B.c * s.out_act.cstride, B.cin * s.in_act.cstride});
       if (s.repacked()) sizes[2] = std::max(sizes[2], B.cin * s.conv_in.cstride);
+      if (b == 0 && gconv_stem_) sizes[2] = std::max(sizes[2], stem_w_.size(1) * s.in_act.cstride);
       sizes[3] = std::max(sizes[3], B.c * s.out_act.cstride);
       grow(W.partial, team * B.c);
       for (auto* v : {&W.pooled_in, &W.pooled_mid, &W.g1, &W.g2, &W.hidden, &W.s1, &W.bias1, &W.s2, &W.bias2})
@@ -345,13 +351,23 @@ class CpuNetwork : public torch::CustomClassHolder {
     return gates;
   }
 
-  // One instance: its stem output x (C0, H0, W0) into planes, every block, the classifier.
+  // One instance: the stem output in planes (x is the instance's input with gconv_stem_, else
+  // its stem output (C0, H0, W0)), every block, the classifier.
   void run_instance(const float* x, const std::vector<BlockShape>& shapes, const std::vector<detail::GateParams>& gates,
                     Workspace& W, const Team& T, float* logits, int32_t* counts) const {
     const PlaneGeometry& g0 = shapes.front().in_act;
     const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
     const float* in = W.act(1);
-    detail::pack_planes(g0, x + T.begin(c0) * hw0, hw0, T.end(c0) - T.begin(c0), W.act(1) + T.begin(c0) * g0.cstride);
+    if (gconv_stem_) {
+      const int64_t cin = stem_w_.size(1);
+      detail::pack_planes(g0, x + T.begin(cin) * hw0, hw0, T.end(cin) - T.begin(cin),
+                          W.in_planes() + T.begin(cin) * g0.cstride);
+      zero_borders(W.act(1), g0, T.begin(c0), T.end(c0));
+      T.barrier();
+      detail::gconv_part(stem_args(g0, W), T.rank, T.size, nullptr);
+    } else {
+      detail::pack_planes(g0, x + T.begin(c0) * hw0, hw0, T.end(c0) - T.begin(c0), W.act(1) + T.begin(c0) * g0.cstride);
+    }
     T.barrier();
     for (size_t b = 0; b < blocks_.size(); ++b) {
       float* out = W.act(b % 2);
@@ -436,6 +452,23 @@ class CpuNetwork : public torch::CustomClassHolder {
     }
   }
 
+  // The stem: relu(W0 x + b0) from the input planes into the first block's input planes.
+  GConvArgs stem_args(const PlaneGeometry& g, Workspace& W) const {
+    GConvArgs c;
+    c.in = W.in_planes();
+    c.geom = g;
+    c.nch = stem_w_.size(1);
+    c.weight = stem_w_.data_ptr<float>();
+    c.ldw = stem_w_.size(1) * kTaps;
+    c.rows = rows_.data();
+    c.m = stem_w_.size(0);
+    c.bias = stem_b_.data_ptr<float>();
+    c.out = W.act(1);
+    c.out_chan_stride = g.cstride;
+    c.out_offset = data_offset(g);
+    return c;
+  }
+
   // conv1: relu(g1 * (W1[A1] x + b1)) written to the pixels of conv2's input planes.
   GConvArgs conv1_args(const BlockWeights& B, const BlockShape& s, Workspace& W, const float* in) const {
     GConvArgs c;
@@ -515,7 +548,7 @@ class CpuNetwork : public torch::CustomClassHolder {
 
   at::Tensor stem_w_, stem_b_, fc_w_, fc_b_;
   int64_t stem_stride_ = 1, stem_padding_ = 1;
-  bool stem_maxpool_ = false;
+  bool stem_maxpool_ = false, gconv_stem_ = false;
   std::vector<BlockWeights> blocks_;
   std::vector<int32_t> rows_;  // 0, 1, 2, ...: the shortcut conv's rows
   std::mutex mutex_;
