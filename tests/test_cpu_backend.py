@@ -19,6 +19,7 @@ import torch
 from conftest import calibrated
 
 from manidp.deploy import compile, ops
+from manidp.deploy.cpu_backend import HAVE_GCONV
 
 pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not built ({ops.IMPORT_ERROR!r})")
 
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.skipif(not ops.HAVE_CPU_OPS, reason=f"manidp._C not bui
 ARCHS = [("dyresnet20", (32, 32), 0.3, 0), ("dyresnet32", (32, 32), 0.7, 0), ("dyresnet56", (32, 32), 0.5, 0),
          ("dyresnet110", (32, 32), 0.35, 5), ("dyresnet18", (67, 53), 0.6, 0), ("dyresnet34", (48, 48), 0.5, 0)]
 MODES = ["auto", "instance", "library", "union"]
-HAVE_GCONV = ops.HAVE_CPU_OPS and torch.ops.manidp.gconv_isa() != "none"
 
 
 class _Modes:

@@ -1,4 +1,9 @@
-"""The ``cpu`` backend: each gated block is one C++ op (``manidp::gated_block``, docs/DESIGN.md 7.6).
+"""The ``cpu`` backend: the whole network in one native call, or one C++ op per block (docs/DESIGN.md 7.6, 7.7).
+
+In mode ``auto`` with the gathered-conv kernel (AVX-512 or AVX2), the engine's forward is one
+call of ``torch.classes.manidp.CpuNetwork``: stem, every block and the classifier in C++, the
+threads taking whole instances at batch > 1 and sharing each conv at batch 1.  Otherwise each
+gated block is one ``manidp::gated_block`` op.
 
 The op computes the gates, then each instance's convs on its active channels
 only: with AVX-512 or AVX2, an implicit-GEMM conv that reads the active weight
@@ -18,7 +23,11 @@ import torch
 from . import ops
 from .backends import Backend, BlockResult, register_backend
 
-__all__ = ["CpuBackend"]
+__all__ = ["CpuBackend", "HAVE_GCONV"]
+
+# Whether the gathered-conv kernel runs here (read once: the choice is fixed per process), and
+# with it the whole-network runner.
+HAVE_GCONV = ops.HAVE_CPU_OPS and torch.ops.manidp.gconv_isa() != "none"
 
 
 class CpuBackend(Backend):
@@ -51,7 +60,7 @@ class CpuBackend(Backend):
                 gates += [f(gate.fc1), f(gate.fc2), f(gate.fc2_bias), f(gate.threshold).reshape(())]
             blk.cache["cpu"] = (f(blk.conv1.weight), f(blk.conv1.bias), f(blk.conv2.weight), f(blk.conv2.bias),
                                 *sc, *gates, float(blk.gate1.clamp_max), int(blk.stride))
-        self._network = _whole_network(engine) if torch.ops.manidp.gconv_isa() != "none" else None
+        self._network = _whole_network(engine) if HAVE_GCONV else None
 
     def __getstate__(self):
         # The native runner holds raw views of the engine's tensors: a copy of the engine builds
@@ -64,7 +73,7 @@ class CpuBackend(Backend):
         """The whole forward in one native call (``mode="auto"`` with the gconv kernel), else ``None``."""
         # Under torch.compile the engine runs block by block: the ops have fake kernels, the
         # native runner has none.
-        if self.mode != "auto" or torch.ops.manidp.gconv_isa() == "none" or torch.compiler.is_compiling():
+        if self.mode != "auto" or not HAVE_GCONV or torch.compiler.is_compiling():
             return None
         if getattr(self, "_network", None) is None:
             self._network = _whole_network(engine)
