@@ -63,8 +63,9 @@ import torch
 
 import manidp
 from manidp.bench.environment import cpu_model
+from manidp.bench.frontier import engine_accuracy
 from manidp.checkpoint import read_checkpoint
-from manidp.data import build_dataset, eval_batches
+from manidp.data import build_dataset
 from manidp.deploy import compile
 from manidp.train import build_parser as train_parser, defining_arg_differences
 
@@ -219,26 +220,11 @@ def check_settings(save_path: str, flags: List[str], saved_args: dict) -> None:
 
 # ----------------------------------------------------------------------------- engines
 @torch.no_grad()
-def evaluate_engine(engine, test_ds) -> dict:
-    """Top-1 (%) and MACs of ``engine`` on a test split, as the engine reports them (gates counted)."""
-    correct = total = 0
-    macs = []
-    for x, y in eval_batches(test_ds, 256):
-        logits, stats = engine(x.contiguous(), return_stats=True)
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
-        macs.append(stats["macs"])
-    mean = float(torch.cat(macs).mean())
-    return {"test_top1": 100.0 * correct / total, "test_images": total,
-            "flops_reduction": 1.0 - mean / engine.dense_macs, "mean_macs": mean, "dense_macs": engine.dense_macs}
-
-
 def engine_eval(ckpt: str, data) -> Dict[str, float]:
     """Top-1 and FLOPs reduction of the compiled engine on the test split (fastest CPU backend)."""
-    engine = compile(ckpt)
-    m = evaluate_engine(engine, data.test)
-    return {"engine_top1": m["test_top1"], "engine_flops_reduction": m["flops_reduction"],
-            "backend": engine.backend.name}
+    m = engine_accuracy(compile(ckpt), data.test, 256)
+    return {"engine_top1": m["engine_top1"], "engine_flops_reduction": 1.0 - m["engine_mac_fraction"],
+            "backend": m["engine_backend"]}
 
 
 def bench_engine(ckpt: str, out_dir: str, iters: int, threads: Optional[int] = None) -> Optional[dict]:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fashion_mnist import evaluate_engine
+from manidp.bench.frontier import engine_accuracy
 from manidp.checkpoint import read_checkpoint
 from manidp.data import build_dataset
 from manidp.deploy import compile
@@ -29,7 +29,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     engine = compile(args.checkpoint)
     ckpt = read_checkpoint(args.checkpoint)
-    metrics = evaluate_engine(engine, build_dataset("fashion-mnist").test)
+    m = engine_accuracy(engine, build_dataset("fashion-mnist").test, 256)
+    metrics = {"test_top1": m["engine_top1"], "test_images": m["engine_images"],
+               "flops_reduction": 1.0 - m["engine_mac_fraction"],
+               "mean_macs": m["engine_mac_fraction"] * engine.dense_macs, "dense_macs": engine.dense_macs}
     engine.save(DEFAULT_MODEL_PATH)
     info = {"arch": engine.config["arch"], "dataset": "fashion-mnist", **metrics,
             "training_args": {k: v for k, v in ckpt["args"].items() if isinstance(v, (int, float, str, bool))},
