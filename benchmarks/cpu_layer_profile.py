@@ -140,7 +140,6 @@ def engine_stages(engine, x: torch.Tensor, reps: int) -> Tuple[Dict[str, List[fl
     backend.mode = "instance"
     h = backend.prepare_input(engine._stem(x))
     stages: Dict[str, List[float]] = OrderedDict()
-    size = tuple(x.shape[2:])
     for blk in engine.blocks:
         out = backend.block(blk, h).out
         key = "x".join(map(str, out.shape[1:]))
@@ -152,7 +151,6 @@ def engine_stages(engine, x: torch.Tensor, reps: int) -> Tuple[Dict[str, List[fl
         h = out
     backend.mode = "auto"
     whole = best_quartile(lambda: engine(x), reps)
-    del size
     return stages, whole
 
 
