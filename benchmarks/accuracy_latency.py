@@ -92,10 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-iters", type=int, default=3, help="timed iterations done even past --time-budget")
     p.add_argument("--time-budget", type=float, default=1.5, help="seconds per measurement (0: exactly --iters)")
     p.add_argument("--num-batches", type=int, default=4, help="distinct input batches rotated during timing")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="times every method of a run is timed, in alternating order; the best round counts")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the engine's test-set evaluation")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.iters < 1 or args.min_iters < 1 or args.warmup < 0 or args.num_batches < 1:
-        p.error("--threads, --iters, --min-iters and --num-batches must be >= 1, --warmup >= 0")
+    if min(args.threads, args.iters, args.min_iters, args.num_batches, args.rounds) < 1 or args.warmup < 0:
+        p.error("--threads, --iters, --min-iters, --num-batches and --rounds must be >= 1, --warmup >= 0")
     return args
 
 
@@ -244,7 +246,8 @@ class Bench:
         self.args, self.backends = args, backends
         self.workspace = Workspace()
         self.plan = TimingPlan(CPU, torch.float32, args.iters, TimeShare(0.0, args.time_budget, args.warmup,
-                                                                         args.min_iters), "forward", self.workspace)
+                                                                         args.min_iters), "forward", self.workspace,
+                               args.rounds)
         self.pools: Dict[tuple, torch.Tensor] = {}
         self.best_dense: Dict[Tuple[str, int], Dict[int, dict]] = {}  # (arch, seed) -> batch size -> best dense
         self.data_info: Dict[tuple, dict] = {}

@@ -119,6 +119,10 @@ def test_every_kind_of_point_at_every_batch_size(result):
                           "runtime", "load_average", "timings", "best_dense", "speedup_vs_best_dense"}
         assert p["latency_ms"] > 0 and 0.0 <= p["top1"] <= 100.0
         assert len(p["load_average"]) == 3
+        for r in p["timings"].values():  # two rounds (the default), each row its best
+            assert len(r["round_medians_ms"]) == 2
+            if r["status"] == "ok":
+                assert r["median_ms"] == min(v for v in r["round_medians_ms"] if v is not None)
 
 
 def test_dense_and_static_points_are_won_by_a_dense_runtime(result):

@@ -71,6 +71,13 @@ def test_json_schema(tiny_run):
         opened = names[f"gated-{backend}-open"]
         assert opened["kind"] == "dense" and opened["status"] == "ok" and opened["baseline"] == "dense-eager"
     assert cfg["method_order"] == "forward" and "child process" in env["runtime_isolation"]
+    # CPU defaults: every method in a process of its own, two rounds, each row its best round
+    assert cfg["isolation"] == "process" and cfg["rounds"] == 2
+    for m in report["methods"]:
+        for r in m["results"]:
+            assert len(r["round_medians_ms"]) == 2
+            if r["status"] == "ok":
+                assert r["median_ms"] == min(v for v in r["round_medians_ms"] if v is not None)
     # the schema itself catches broken reports
     broken = json.loads(json.dumps(report))
     del broken["environment"]["torch"]
@@ -212,7 +219,7 @@ def test_engine_file_input(tmp_path):
         code, stdout, stderr = _run(["--model", str(path), "--out", str(tmp_path / "out"), "--batch-sizes", "1",
                                      "--iters", "1", "--warmup", "0", "--time-budget", "0", "--num-batches", "1",
                                      "--calib-images", "4", "--data", "synthetic", "--quiet",
-                                     "--static-sizing", "widths"])
+                                     "--static-sizing", "widths", "--isolation", "in-process", "--rounds", "1"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0, stderr
@@ -382,7 +389,8 @@ def test_default_model_path(tmp_path, monkeypatch):
         compile_engine(model, preprocess=preprocess_spec("fashion-mnist")).save(str(path))
         monkeypatch.setattr(pretrained, "DEFAULT_MODEL_PATH", str(path))
         code, stdout, stderr = _run(["--out", str(tmp_path / "out"), "--batch-sizes", "2", "--iters", "1",
-                                     "--warmup", "0", "--time-budget", "0", "--num-batches", "1", "--quiet"])
+                                     "--warmup", "0", "--time-budget", "0", "--num-batches", "1", "--quiet",
+                                     "--isolation", "in-process"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0, stderr

@@ -163,10 +163,10 @@ def _fake_methods(calls):
             M("static-c", "static", "c", builder("static-c", 0.5), baseline="dense-a")]
 
 
-def _entries(order):
+def _entries(order, rounds=1):
     calls = []
     methods = _fake_methods(calls)
-    plan = bench_methods.TimingPlan(CPU, torch.float32, 2, TimeShare(0, 0, 0, 1), order, None)
+    plan = bench_methods.TimingPlan(CPU, torch.float32, 2, TimeShare(0, 0, 0, 1), order, None, rounds)
     batches = {1: [torch.zeros(1, 3, 4, 4)], 2: [torch.zeros(2, 3, 4, 4)]}
     bench_methods.time_methods(methods, batches, plan, quiet=True)
     keep = ("name", "kind", "status", "reason", "baseline", "isolation", "runtime")
@@ -179,8 +179,9 @@ def test_timing_order_changes_no_row():
     calls_f, forward = _entries("forward")
     calls_r, reverse = _entries("reverse")
     assert forward == reverse
-    assert calls_f == ["dense-a", "dense-b", "broken", "static-c"] * 2
-    assert calls_r == ["static-c", "broken", "dense-b", "dense-a"] * 2
+    # each method at both batch sizes before the next one
+    assert calls_f == ["dense-a", "dense-a", "dense-b", "dense-b", "broken", "broken", "static-c", "static-c"]
+    assert calls_r == calls_f[::-1]
     rows = dict((e["name"], r) for e, r in forward)
     assert rows["dense-b"][0][3] == pytest.approx(0.5) and rows["static-c"][1][3] == pytest.approx(0.5)
     assert rows["broken"][0][1:3] == ("failed", "RuntimeError: does not run")
@@ -190,3 +191,20 @@ def test_timing_order_changes_no_row():
     assert bench.main.__module__ == "manidp.bench.cli"
     from manidp.bench.cli import build_parser
     assert build_parser().parse_args(["--order", "reverse"]).order == "reverse"
+
+
+def test_rounds_alternate_order_and_keep_the_best():
+    """Round 2 runs in the other order; each row is its best round, every round's median listed."""
+    calls, rows = _entries("forward", rounds=3)
+    once = ["dense-a", "dense-a", "dense-b", "dense-b", "broken", "broken", "static-c", "static-c"]
+    assert calls == once + once[::-1] + once
+    for entry, results in rows:
+        assert len(results) == 2  # one per batch size, not per round
+    assert _entries("forward", rounds=3)[1] == _entries("reverse", rounds=3)[1]
+    best = bench_methods.best_round([{"status": "ok", "median_ms": 3.0, "iters": 1},
+                                     {"status": "failed", "median_ms": None, "iters": 0},
+                                     {"status": "ok", "median_ms": 2.0, "iters": 2}])
+    assert best["median_ms"] == 2.0 and best["iters"] == 2 and best["round_medians_ms"] == [3.0, None, 2.0]
+    failed = bench_methods.best_round([{"status": "failed", "median_ms": None, "reason": "x"}])
+    assert failed["status"] == "failed" and failed["round_medians_ms"] == [None]
+    assert [bench_methods.round_order("forward", r) for r in range(3)] == ["forward", "reverse", "forward"]

@@ -17,7 +17,8 @@ from .errors import PROG, BenchError, error
 from .inputs import load_images, rotated_batches, split_pool
 from .methods import CompileBudget, TimingPlan, folded_dense, make_methods, static_network, time_methods
 from .report import build_report, print_report, write_reports
-from .runtimes import ISOLATION, Workspace
+from .isolation import ISOLATIONS, MethodProcesses, isolation_note
+from .runtimes import Workspace
 from .subject import (DEFAULT_TARGET_MACS, Subject, build_random, default_data, macs_section, make_subject,
                       resolve_model, warn_if_ill_conditioned)
 from .timing import TimeShare, gpu_flags, single_thread_if_busy
@@ -91,8 +92,17 @@ def _add_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-budget", type=float, default=180.0,
                    help="seconds: once one compilation takes longer, compiled methods are skipped from then on")
     p.add_argument("--order", choices=["forward", "reverse"], default="forward",
-                   help="order in which the methods are timed at each batch size (the report lists them in "
-                        "the same order either way): reverse checks that the order does not change the numbers")
+                   help="order in which the methods are timed in the first round (later rounds alternate; the "
+                        "report lists them in the same order either way): reverse checks that the order does not "
+                        "change the numbers")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="times every method is timed, in alternating order; each batch size reports the round "
+                        "with the lowest median and lists every round's (default 2 on CPU, 1 on GPU)")
+    p.add_argument("--isolation", choices=list(ISOLATIONS), default=None,
+                   help="process: time every method (each round) in a fresh child process, so none runs where "
+                        "another ran; in-process: PyTorch and engine methods in this process (faster to run). "
+                        "ONNX Runtime and OpenVINO always run in child processes. Default: process on CPU, "
+                        "in-process on GPU")
     p.add_argument("--tf32", choices=["on", "off"], default="on",
                    help="GPU fp32 only: allow TF32 in cuDNN convs and matmuls (and so in the Triton kernels) "
                         "for every method alike (on is cuDNN's default for convs)")
@@ -155,7 +165,7 @@ def _resolve_backends(spec: Optional[str], device: torch.device, dtype: torch.dt
 
 
 def _check_counts(args) -> None:
-    for flag in ("warmup", "iters", "num_batches", "calib_images", "min_iters"):
+    for flag in ("warmup", "iters", "num_batches", "calib_images", "min_iters", "rounds"):
         v = getattr(args, flag)
         if v is not None and v < (0 if flag == "warmup" else 1):
             raise BenchError(f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'warmup' else '>= 1'}")
@@ -189,6 +199,8 @@ class Settings:
     compile_on: bool
     compile_skip: Optional[str]
     tf32: bool
+    rounds: int
+    isolation: str
 
     @property
     def gpu(self) -> bool:
@@ -220,7 +232,7 @@ def resolve_settings(args) -> Settings:
     return Settings(device, dtype, backends, avail, pick(args.batch_sizes, [1, 8, 64, 256], [1, 8, 64]),
                     pick(args.warmup, 5, 2), pick(args.iters, 200, 50), pick(args.time_budget, 1.0, 1.5),
                     pick(args.max_time, 600.0, 120.0), compile_on, _compile_skip(args, compile_on),
-                    args.tf32 == "on")
+                    args.tf32 == "on", pick(args.rounds, 1, 2), pick(args.isolation, "in-process", "process"))
 
 
 def _config(args, s: Settings, subject, data_spec: str, size, target: Optional[float]) -> dict:
@@ -233,7 +245,7 @@ def _config(args, s: Settings, subject, data_spec: str, size, target: Optional[f
             "time_budget_s": s.budget, "max_time_s": s.max_time, "num_batches": args.num_batches,
             "compile": s.compile_on, "compile_budget_s": args.compile_budget, "target_macs": target,
             "seed": args.seed, "static_sizing": args.static_sizing, "tf32": s.tf32 if s.gpu else None,
-            "method_order": args.order}
+            "method_order": args.order, "rounds": s.rounds, "isolation": s.isolation}
 
 
 def _static_section(net, keep: Optional[float], sized_from: str, dense_macs: int, size) -> dict:
@@ -289,13 +301,18 @@ def run(args, argv: List[str]) -> dict:
     static_net, keep, sized_from = static_network(subject.gated, args.static_sizing, macs["overall_mean_fraction"],
                                                   size, [x for xs in w.batches.values() for x in xs])
     static = _static_section(static_net, keep, sized_from, dense_macs, size)
-    methods = make_methods(subject, folded_dense(subject.gated), static_net, f"{static['fraction']:.3f} of dense MACs",
-                           s.backends, s.device, s.dtype, s.compile_skip, CompileBudget(args.compile_budget))
-    env = dict(environment(argv, s.device), runtime_isolation=ISOLATION)
+    make_args = dict(subject=subject, dense_fold=folded_dense(subject.gated), static_net=static_net,
+                     static_label=f"{static['fraction']:.3f} of dense MACs", backends=s.backends, device=s.device,
+                     dtype=s.dtype, compile_skip=s.compile_skip, cbudget=CompileBudget(args.compile_budget))
+    methods = make_methods(**make_args)
+    env = dict(environment(argv, s.device), runtime_isolation=isolation_note(s.isolation))
     workspace = Workspace()
     plan = TimingPlan(s.device, s.dtype, s.iters, TimeShare(s.max_time, s.budget, s.warmup, args.min_iters),
-                      args.order, workspace)
+                      args.order, workspace, s.rounds, cbudget=make_args["cbudget"])
     try:
+        if s.isolation == "process":
+            plan.children = MethodProcesses(workspace.path, make_args, w.batches, torch.get_num_threads(),
+                                            timeout=300.0 + args.compile_budget)
         with gpu_flags(s.tf32) if s.gpu else contextlib.nullcontext():
             time_methods(methods, w.batches, plan, args.quiet)
     finally:

@@ -27,8 +27,8 @@ from ..data import eval_batches
 from ..deploy import compile as compile_engine
 from ..models import build_model, load_dense_state_dict
 from .environment import load_average
-from .methods import RUNTIME_SETTINGS, Method, RuntimeMethod, TimingPlan, engine_with_gates_open, folded_dense, \
-    measure_method
+from .methods import RUNTIME_SETTINGS, Method, RuntimeMethod, TimingPlan, best_round, engine_with_gates_open, \
+    folded_dense, measure_method, round_order, timing_order
 from .runtimes import RUNTIMES, missing_reason
 
 __all__ = ["DENSE_KIND", "GATED_KIND", "dense_runtime_methods", "gated_twin", "open_engines", "gated_methods",
@@ -131,26 +131,36 @@ def engine_accuracy(engine, test_ds, batch_size: int) -> dict:
 
 def time_at_batch_size(methods: Sequence[Method], batches: List[torch.Tensor], plan: TimingPlan
                        ) -> Dict[str, dict]:
-    """``{method name: result}`` of every method at one batch size, one after the other.
+    """``{method name: result}`` of every method at one batch size, ``plan.rounds`` rounds in alternating order.
 
-    A result is ``manidp-bench``'s ``methods[].results[]`` object without the raw
+    A result is ``manidp-bench``'s ``methods[].results[]`` object of the method's best round
+    (lowest median; every round's median in ``round_medians_ms``) without the raw
     per-iteration lists, plus ``runtime``, ``runtime_version``, ``load_average`` (1, 5,
-    15 minutes, taken as the measurement starts) and ``max_abs_diff`` /
+    15 minutes, taken as that round's measurement starts) and ``max_abs_diff`` /
     ``argmax_agreement`` of its first-batch logits against its baseline's.
     """
     bs = int(batches[0].shape[0])
     layouts = {False: batches, True: [x.contiguous(memory_format=CL) for x in batches]}
-    results, outputs = {}, {}
+    rounds: Dict[str, List[dict]] = {m.name: [] for m in methods}
+    outputs: Dict[str, torch.Tensor] = {}
+    total = plan.rounds * len(methods)
     with torch.inference_mode():
-        for i, m in enumerate(methods):
-            load = load_average()
-            res, out = measure_method(m, bs, layouts[m.channels_last], plan, len(methods) - i)
-            for unused in ("times_ms", "warmup_ms", "speedup_vs_best_dense"):  # raw lists; a bench-report field
-                res.pop(unused, None)
-            res.update(runtime=m.runtime, runtime_version=m.runtime_version, load_average=load)
-            results[m.name] = res
-            if out is not None:
-                outputs[m.name] = out
+        for r in range(plan.rounds):
+            for m in timing_order(list(methods), round_order(plan.order, r)):
+                load = load_average()
+                res, out = measure_method(m, bs, layouts[m.channels_last], plan, total)
+                total -= 1
+                res["load_average"] = load
+                rounds[m.name].append(res)
+                if out is not None:
+                    outputs.setdefault(m.name, out)
+    results = {}
+    for m in methods:
+        res = best_round(rounds[m.name])
+        for unused in ("times_ms", "warmup_ms", "speedup_vs_best_dense"):  # raw lists; a bench-report field
+            res.pop(unused, None)
+        res.update(runtime=m.runtime, runtime_version=m.runtime_version)
+        results[m.name] = res
     for m in methods:
         out, ref = outputs.get(m.name), outputs.get(m.baseline)
         if out is not None and ref is not None:

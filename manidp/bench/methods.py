@@ -38,7 +38,8 @@ from .runtimes import RUNTIMES, Runtime, Workspace, missing_reason, time_in_chil
 from .timing import TimeShare, engine_graph_runner, graph_runner, measure, summarize_times, sync
 
 __all__ = ["Method", "RuntimeMethod", "CompileBudget", "TimingPlan", "dense_model_from_gated", "folded_dense",
-           "engine_with_gates_open", "static_network", "make_methods", "time_methods", "timing_order"]
+           "engine_with_gates_open", "static_network", "make_methods", "measure_method", "time_methods", "timing_order",
+           "round_order", "best_round"]
 
 CL = torch.channels_last
 
@@ -126,14 +127,19 @@ def static_network(gated: nn.Module, sizing: str, fraction: float, size: Tuple[i
 # ---------------------------------------------------------------------------- methods
 @dataclass
 class TimingPlan:
-    """How every measurement runs: device, dtype, iteration cap, the shared time budget, the order of methods
-    and the workspace of the child-process methods."""
+    """How every measurement runs: device, dtype, iteration cap, the shared time budget, the order of methods,
+    the number of rounds, the workspace of the child-process methods, and where in-process methods are timed
+    (``children``: a :class:`manidp.bench.isolation.MethodProcesses` times each in a process of its own; None:
+    in this process)."""
     device: torch.device
     dtype: torch.dtype
     iters: int
     share: TimeShare
     order: str = "forward"
     workspace: Optional[Workspace] = None
+    rounds: int = 1
+    children: Optional[object] = None
+    cbudget: Optional["CompileBudget"] = None
 
 
 class Method:
@@ -432,49 +438,87 @@ def measure_method(m: Method, bs: int, batches: List[torch.Tensor], plan: Timing
     return res, out
 
 
-def _compare(methods: List[Method], outputs: Dict[str, torch.Tensor]) -> None:
-    """Each method's last result gets its logits' difference from its baseline's (both timed at this size)."""
+def _compare(methods: List[Method], bs: int, outputs: Dict[str, torch.Tensor]) -> None:
+    """Each method's result at ``bs`` gets its logits' difference from its baseline's (both timed at ``bs``)."""
     for m in methods:
         out, ref = outputs.get(m.name), outputs.get(m.baseline)
         if out is None or ref is None:
             continue
-        res = m.results[-1]
+        res = next(r for r in m.results if r["batch_size"] == bs)
         res["max_abs_diff"] = float((out - ref).abs().max())
         res["argmax_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
 
 
 def timing_order(methods: List[Method], order: str) -> List[Method]:
-    """The methods in the order they are timed at each batch size: ``forward`` (report order) or ``reverse``."""
+    """The methods in the order they are timed in a round: ``forward`` (report order) or ``reverse``."""
     if order not in ("forward", "reverse"):
         raise ValueError(f"order must be 'forward' or 'reverse'; got {order!r}")
     return list(methods) if order == "forward" else list(reversed(methods))
 
 
+def round_order(order: str, r: int) -> str:
+    """Round ``r``'s order: ``order`` in even rounds, the other one in odd rounds."""
+    return order if r % 2 == 0 else {"forward": "reverse", "reverse": "forward"}[order]
+
+
+def best_round(results: List[dict]) -> dict:
+    """The result of the round with the lowest median (the first one if none was timed), with every round's
+    median (None where that round was not timed) in ``round_medians_ms``."""
+    ok = [r for r in results if r["status"] == "ok"]
+    best = dict(min(ok, key=lambda r: r["median_ms"]) if ok else results[0])
+    best["round_medians_ms"] = [r["median_ms"] if r["status"] == "ok" else None for r in results]
+    return best
+
+
+def _inputs(cpu_batches: Dict[int, List[torch.Tensor]], plan: TimingPlan) -> Dict[int, Dict[bool, list]]:
+    """Every batch size's batches on the run's device and dtype, NCHW (False) and channels-last (True)."""
+    inputs = {}
+    for bs, xs in cpu_batches.items():
+        nchw = [x.to(device=plan.device, dtype=plan.dtype) for x in xs]
+        inputs[bs] = {False: nchw, True: [x.contiguous(memory_format=CL) for x in nchw]}
+    return inputs
+
+
+def _measure_here(m: Method, inputs: Dict[int, Dict[bool, list]], plan: TimingPlan,
+                  remaining: int) -> List[Tuple[dict, Optional[torch.Tensor]]]:
+    """``m`` at every batch size, in this process."""
+    if plan.device.type == "cuda":  # autotune cuDNN for the fixed-shape dense convs, not per-instance shapes
+        torch.backends.cudnn.benchmark = not m.engine
+    return [measure_method(m, bs, xs[m.channels_last], plan, remaining - i) for i, (bs, xs) in
+            enumerate(inputs.items())]
+
+
 def time_methods(methods: List[Method], cpu_batches: Dict[int, List[torch.Tensor]], plan: TimingPlan,
                  quiet: bool) -> None:
-    """Time every method at every batch size (results appended to ``Method.results``).
+    """Time every method at every batch size, ``plan.rounds`` times; ``Method.results`` gets each batch
+    size's best round.
 
-    Logits are compared with the baselines' once every method of a batch size ran, so
-    the order of timing changes no result but the timings.
+    A round times the methods one after the other, each at every batch size, in ``plan.order``
+    (odd rounds in the other order), each in a process of its own where ``plan.children`` is set
+    (methods that run a runtime in a child process do so anyway).  Logits are compared with the
+    baselines' once every round ran, so the order of timing changes no result but the timings.
     """
     from tqdm import tqdm
-    gpu = plan.device.type == "cuda"
-    total = len(cpu_batches) * len(methods)
+    total = plan.rounds * len(cpu_batches) * len(methods)
+    inputs = _inputs(cpu_batches, plan)
+    rounds: Dict[Tuple[str, int], List[dict]] = {}
+    outputs: Dict[int, Dict[str, torch.Tensor]] = {bs: {} for bs in cpu_batches}
     done = 0
     with tqdm(total=total, desc="benchmark", unit="run", file=sys.stderr, disable=quiet, leave=False,
               dynamic_ncols=True) as bar, torch.inference_mode():
-        for bs, xs in cpu_batches.items():
-            nchw = [x.to(device=plan.device, dtype=plan.dtype) for x in xs]
-            layouts = {False: nchw, True: [x.contiguous(memory_format=CL) for x in nchw]}
-            outputs: Dict[str, torch.Tensor] = {}
-            for m in timing_order(methods, plan.order):
-                bar.set_description(f"bs {bs} {m.name}")
-                if gpu:  # autotune cuDNN for the fixed-shape dense convs, not per-instance gathered shapes
-                    torch.backends.cudnn.benchmark = not m.engine
-                res, out = measure_method(m, bs, layouts[m.channels_last], plan, total - done)
-                m.results.append(res)
-                if out is not None:
-                    outputs[m.name] = out
-                done += 1
-                bar.update(1)
-            _compare(methods, outputs)
+        for r in range(plan.rounds):
+            for m in timing_order(methods, round_order(plan.order, r)):
+                bar.set_description(f"round {r + 1}/{plan.rounds} {m.name}")
+                here = plan.children is None or m.isolation == "child-process" or m.skip is not None
+                got = (_measure_here(m, inputs, plan, total - done) if here
+                       else plan.children.measure(m, list(cpu_batches), plan, total - done))
+                for bs, (res, out) in zip(cpu_batches, got):
+                    rounds.setdefault((m.name, bs), []).append(res)
+                    if out is not None:
+                        outputs[bs].setdefault(m.name, out)
+                done += len(cpu_batches)
+                bar.update(len(cpu_batches))
+    for m in methods:
+        m.results = [best_round(rounds[(m.name, bs)]) for bs in cpu_batches]
+    for bs in cpu_batches:
+        _compare(methods, bs, outputs[bs])

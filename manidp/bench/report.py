@@ -155,8 +155,8 @@ def _markdown_header(report: dict) -> List[str]:
             f"{report['macs']['overall_mean_fraction']:.3f}; static narrow network: keep "
             f"{_fmt(st['keep'], '.3f')}, {st['fraction']:.3f} of dense MACs ({st['sized_from']})",
             f"- timing: {cfg['warmup']} warm-up, up to {cfg['iters']} iterations or {cfg['time_budget_s']} s per "
-            f"measurement, {cfg['num_batches']} rotated input batches, methods timed in {cfg['method_order']} "
-            "order",
+            f"measurement, {cfg['num_batches']} rotated input batches; {cfg['rounds']} round(s), the first in "
+            f"{cfg['method_order']} order, later ones alternating; each row is its batch size's best round",
             "- best dense: the fastest `dense` method of each batch size, whatever runs it"]
 
 

@@ -74,9 +74,12 @@ def render_markdown(schema: Optional[dict] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Write the rendered schema to ``argv[0]`` (default ``docs/bench_schema.md``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = argv[0] if argv else DOC_PATH
+    """Write the rendered schema to ``OUT`` (default ``docs/bench_schema.md``)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m manidp.bench.schema_doc",
+                                     description="Render manidp/bench/schema.json as Markdown.")
+    parser.add_argument("out", nargs="?", default=DOC_PATH, help="the Markdown file to write")
+    path = parser.parse_args(argv).out
     with open(path, "w") as f:
         f.write(render_markdown())
     print(f"wrote {path}")
