@@ -11,9 +11,9 @@
 // which every tap of a run of output pixels is a contiguous run of floats, so the B operand
 // is read straight from the planes (masked loads supply the left/right zero padding).  A
 // register block accumulates a few output rows x a few vectors of pixels, broadcasting one
-// weight per row and tap.  The epilogue is fused: bias, gate scale, ReLU, then either the
-// pooled mean (conv1, for gate 2) or the residual add; conv1 writes conv2's input planes
-// directly.
+// weight per row and tap.  The epilogue is fused: bias, gate scale, the residual add (conv2),
+// ReLU, and the pooled mean (conv1, for gate 2; in the whole-network runner also conv2 and the
+// stem, for the next gate 1); conv1 writes conv2's input planes directly.
 //
 // This file holds the plane layout and picks the kernel; the kernel itself is written once
 // (gconv_kernel.h) and compiled for AVX-512 (gconv_avx512.cpp) and for AVX2 + FMA

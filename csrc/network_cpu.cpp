@@ -9,8 +9,11 @@
 //    instances through the whole network alone, so no thread waits for another between blocks
 //    and an instance's maps stay in that core's cache;
 //  * batch 1: the threads form one OpenMP team for the whole forward and split every conv's
-//    (pixel tile, row block) grid; the phases of a block are separated by team barriers, and the
-//    small serial steps (the gates) run on one thread.
+//    (pixel tile, row block) grid.  Every rank computes both gates itself, from the same pooled
+//    sums added in the same order, so the team needs no serial step: a stride-1 block waits at
+//    two barriers (after conv1 and the shortcut, after conv2), a stride-2 block at one more
+//    (after repacking its input).  The pooled sums of a block's output come from conv2's
+//    epilogue and from the channels conv2 does not write, not from a pass over the map.
 // The convs are gconv (gconv_cpu.cpp): conv1 on the active rows, conv2 on the active rows and
 // columns, the 1x1 shortcut as gconv's centre tap, all reading the weights in place.  Between
 // blocks the maps stay in gconv's stride-1 plane layout (each channel's rows between a zero row
@@ -27,6 +30,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <vector>
 
@@ -127,6 +131,33 @@ class Arena {
   int64_t capacity_ = 0, offset_[kBuffers] = {};
 };
 
+// Allocator of 64-byte aligned arrays.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+};
+using AlignedFloats = std::vector<float, Aligned64<float>>;
+
+// Both gates of the current block as one rank computes them.  Every rank of a team computes the
+// same gates from the same pooled sums, so each needs its own copy of what they write (the same
+// values written to shared arrays by two threads would be a data race).  The arrays are 64-byte
+// aligned, so the gate's vectorised sums (detail::matvec) take the same path, and so the same
+// rounding, on every rank: the ranks then agree bit for bit on the active sets, which they
+// must, as they split the convs by them.
+struct GateState {
+  AlignedFloats pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
+  AlignedFloats conv2_sums;  // conv2's pooled sums of this rank's share, by row (position in idx2)
+  std::vector<int32_t> idx1, idx2, pos;
+  int32_t k1 = 0, k2 = 0;
+};
+
 // Scratch memory of one instance run (shared by a team), reused across calls: fresh multi-MB
 // buffers on every call would cost page faults.
 struct Workspace {
@@ -134,18 +165,31 @@ struct Workspace {
   float* act(int i) const { return arena[i]; }
   float* in_planes() const { return arena[2]; }
   float* mid_planes() const { return arena[3]; }
-  std::vector<float> partial;
-  std::vector<float> pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
-  std::vector<int32_t> idx1, idx2, pos;
-  int32_t k1 = 0, k2 = 0;
+  std::vector<GateState> ranks;  // one per team member
+  // Per rank, `sums_stride` floats apart (whole cache lines, so that ranks do not share one):
+  // conv1's pooled sums of the rank's share by row (position in idx1), for gate 2; and the sums
+  // of the rank's share of the map the next gate 1 reads (the stem or block output), by channel.
+  int64_t sums_stride = 0;
+  std::vector<float> conv1_sums, out_sums;
+  float* conv1_part(int64_t rank) { return conv1_sums.data() + rank * sums_stride; }
+  float* out_part(int64_t rank) { return out_sums.data() + rank * sums_stride; }
 };
 
-template <typename T>
-void grow(std::vector<T>& v, int64_t n) {
+template <typename T, typename A>
+void grow(std::vector<T, A>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
-float mean_of(const float* p, int64_t n) { return detail::sum(p, n) / static_cast<float>(n); }
+// dst[ch] = mean over the map of channel ch, ch < c, from the per-rank sums in W.out_sums of a map
+// of hw pixels, added in rank order: every rank that calls this gets the same bits.
+void pooled_means(const Workspace& W, int64_t team, int64_t c, int64_t hw, float* dst) {
+  const float n = static_cast<float>(hw);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float acc = 0.f;
+    for (int64_t r = 0; r < team; ++r) acc += W.out_sums[r * W.sums_stride + ch];
+    dst[ch] = acc / n;
+  }
+}
 
 at::Tensor owned(const at::Tensor& t) { return t.detach().to(at::kFloat).contiguous(); }
 
@@ -330,13 +374,24 @@ class CpuNetwork : public torch::CustomClassHolder {
       if (s.repacked()) sizes[2] = std::max(sizes[2], B.cin * s.conv_in.cstride);
       if (b == 0 && gconv_stem_) sizes[2] = std::max(sizes[2], stem_w_.size(1) * s.in_act.cstride);
       sizes[3] = std::max(sizes[3], B.c * s.out_act.cstride);
-      grow(W.partial, team * B.c);
-      for (auto* v : {&W.pooled_in, &W.pooled_mid, &W.g1, &W.g2, &W.hidden, &W.s1, &W.bias1, &W.s2, &W.bias2})
-        grow(*v, std::max(B.cin, B.c));
-      for (auto* v : {&W.idx1, &W.idx2, &W.pos}) grow(*v, B.c);
-      grow(W.hidden, std::max(B.gate1.hidden, B.gate2.hidden));
     }
     W.arena.reserve(sizes);
+    int64_t widest = 1, hidden = 1;  // channels of the widest map; the widest gate hidden layer
+    for (const auto& B : blocks_) {
+      widest = std::max({widest, B.cin, B.c});
+      hidden = std::max({hidden, B.gate1.hidden, B.gate2.hidden});
+    }
+    W.sums_stride = (widest + 15) / 16 * 16;
+    grow(W.conv1_sums, team * W.sums_stride);
+    grow(W.out_sums, team * W.sums_stride);
+    grow(W.ranks, team);
+    for (int64_t r = 0; r < team; ++r) {
+      GateState& G = W.ranks[r];
+      for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2, &G.conv2_sums})
+        grow(*v, widest);
+      grow(G.hidden, hidden);
+      for (auto* v : {&G.idx1, &G.idx2, &G.pos}) grow(*v, widest);
+    }
   }
 
   // Gate 1 and gate 2 of every block with the thresholds as they are now.
@@ -352,103 +407,146 @@ class CpuNetwork : public torch::CustomClassHolder {
   }
 
   // One instance: the stem output in planes (x is the instance's input with gconv_stem_, else
-  // its stem output (C0, H0, W0)), every block, the classifier.
+  // its stem output (C0, H0, W0)), every block, the classifier.  Each rank leaves the sums of its
+  // share of the stem output in its part of W.out_sums, for the first gate 1.
   void run_instance(const float* x, const std::vector<BlockShape>& shapes, const std::vector<detail::GateParams>& gates,
                     Workspace& W, const Team& T, float* logits, int32_t* counts) const {
     const PlaneGeometry& g0 = shapes.front().in_act;
     const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
+    float* sums = W.out_part(T.rank);
+    std::fill(sums, sums + c0, 0.f);
     const float* in = W.act(1);
     if (gconv_stem_) {
       const int64_t cin = stem_w_.size(1);
       detail::pack_planes(g0, x + T.begin(cin) * hw0, hw0, T.end(cin) - T.begin(cin),
                           W.in_planes() + T.begin(cin) * g0.cstride);
       zero_borders(W.act(1), g0, T.begin(c0), T.end(c0));
+      // Every rank's share of the stem reads every input channel, packed by all ranks.
       T.barrier();
-      detail::gconv_part(stem_args(g0, W), T.rank, T.size, nullptr);
+      detail::gconv_part(stem_args(g0, W), T.rank, T.size, sums);  // rows are channels: sums by channel
     } else {
-      detail::pack_planes(g0, x + T.begin(c0) * hw0, hw0, T.end(c0) - T.begin(c0), W.act(1) + T.begin(c0) * g0.cstride);
+      const int64_t j0 = T.begin(c0), j1 = T.end(c0);
+      detail::pack_planes(g0, x + j0 * hw0, hw0, j1 - j0, W.act(1) + j0 * g0.cstride);
+      for (int64_t ch = j0; ch < j1; ++ch) sums[ch] = detail::sum(x + ch * hw0, hw0);
     }
+    // The first block reads the stem output planes and the sums of every rank.
     T.barrier();
     for (size_t b = 0; b < blocks_.size(); ++b) {
       float* out = W.act(b % 2);
       run_block(blocks_[b], gates[2 * b], gates[2 * b + 1], shapes[b], in, out, W, T, counts + 2 * b);
       in = out;
     }
-    if (T.leader()) head(in, shapes.back().out_act, W, logits);
-    T.barrier();
+    // The last block's barrier made every rank's sums complete; the end of the team's parallel
+    // region is the barrier after the head.
+    if (T.leader()) head(shapes.back().out_act, W, T.size, logits);
   }
 
-  // Mean-pool of the last block's output planes and the classifier.
-  void head(const float* act, const PlaneGeometry& g, Workspace& W, float* logits) const {
-    const int64_t c = fc_w_.size(1), classes = fc_w_.size(0), hw = g.ho * g.wo;
-    for (int64_t ch = 0; ch < c; ++ch) W.pooled_in[ch] = mean_of(act + ch * g.cstride + data_offset(g), hw);
-    detail::matvec(fc_w_.data_ptr<float>(), W.pooled_in.data(), classes, c, logits);
+  // The classifier on the mean-pooled output of the last block (from the ranks' sums).
+  void head(const PlaneGeometry& g, Workspace& W, int64_t team, float* logits) const {
+    const int64_t c = fc_w_.size(1), classes = fc_w_.size(0);
+    float* pooled = W.ranks[0].pooled_in.data();
+    pooled_means(W, team, c, g.ho * g.wo, pooled);
+    detail::matvec(fc_w_.data_ptr<float>(), pooled, classes, c, logits);
     const float* bias = fc_b_.data_ptr<float>();
     for (int64_t k = 0; k < classes; ++k) logits[k] += bias[k];
   }
 
   // One gated block (docs/DESIGN.md 3.2) of one instance: x (Cin, H, W) -> out (C, Ho, Wo).
+  // On entry every rank's part of W.out_sums holds the sums of its share of x; on return, of out.
+  //
+  // Which barrier orders each read of data another rank wrote after that write:
+  //  * x and its sums: written by every rank before the barrier that ended the previous block
+  //    (or the stem); read here by gate 1, the repack, conv1, the shortcut and (identity
+  //    shortcut) conv2 and finish_channels as the residual.  Nothing in this block writes them
+  //    before barrier 1, and x not at all.
+  //  * out, conv2's input planes and the phase planes: their last readers (the previous block,
+  //    or an earlier one for the phase planes, or the stem) finished before the barrier that
+  //    ended the previous block, so this block may write them at once.  Each rank zeroes the
+  //    borders of its channels of out and of conv2's input planes while other ranks' conv1 and
+  //    shortcut write pixels: disjoint floats (gconv's masked stores write only pixels), so no
+  //    barrier between them.
+  //  * phase planes (stride 2): packed by channel, read by every rank's conv1 and shortcut:
+  //    barrier 0.
+  //  * conv1's planes, conv1's sums, the shortcut in out, the borders of both: written before
+  //    barrier 1, read after it by gate 2, conv2 (input with its padding, residual) and
+  //    finish_channels (residual).  conv1's sums and planes are written again only in the next
+  //    block, after barrier 2.
+  //  * out and its sums: written after barrier 1 (each rank clears its sums only then, when
+  //    every rank has read the sums of x for gate 1), read after barrier 2 by the next block or
+  //    the head.
   void run_block(const BlockWeights& B, const detail::GateParams& g1, const detail::GateParams& g2,
                  const BlockShape& s, const float* x, float* out, Workspace& W, const Team& T, int32_t* counts) const {
-    // Phase 1: pooled input for gate 1; at stride 2, conv1's phase planes; zero borders of the
-    // planes conv1 and conv2 write (they write pixels only; the borders are conv2's and the next
-    // block's padding).
-    const int64_t j0 = T.begin(B.cin), j1 = T.end(B.cin);
-    const int64_t in_cs = s.in_act.cstride, in_off = data_offset(s.in_act);
-    for (int64_t ch = j0; ch < j1; ++ch) W.pooled_in[ch] = mean_of(x + ch * in_cs + in_off, s.hw_in());
-    if (s.repacked())
-      detail::pack_planes(s.conv_in, x + j0 * in_cs + in_off, in_cs, j1 - j0, W.in_planes() + j0 * s.conv_in.cstride);
+    GateState& G = W.ranks[T.rank];
+    gate1(B, g1, s, W, G, T, counts);
     zero_borders(W.mid_planes(), s.out_act, T.begin(B.c), T.end(B.c));
     zero_borders(out, s.out_act, T.begin(B.c), T.end(B.c));
-    T.barrier();
-    // Phase 2: gate 1.
-    if (T.leader()) gate1(B, g1, W, counts);
-    T.barrier();
-    // Phase 3: conv1 on the active rows into conv2's planes, and the 1x1 shortcut into out.
-    float* partial = W.partial.data() + T.rank * B.c;
-    std::fill(partial, partial + B.c, 0.f);
-    const float* conv_in = s.repacked() ? W.in_planes() : x;
-    if (W.k1 > 0) detail::gconv_part(conv1_args(B, s, W, conv_in), T.rank, T.size, partial);
+    const float* conv_in = x;
+    if (s.repacked()) {
+      const int64_t j0 = T.begin(B.cin), j1 = T.end(B.cin);
+      const int64_t in_cs = s.in_act.cstride;
+      detail::pack_planes(s.conv_in, x + j0 * in_cs + data_offset(s.in_act), in_cs, j1 - j0,
+                          W.in_planes() + j0 * s.conv_in.cstride);
+      // Barrier 0: every rank's share of conv1 and of the shortcut reads every channel of the
+      // phase planes.
+      T.barrier();
+      conv_in = W.in_planes();
+    }
+    // conv1 on the active rows into conv2's planes, and the 1x1 shortcut into out.
+    float* conv1_sums = W.conv1_part(T.rank);
+    std::fill(conv1_sums, conv1_sums + B.c, 0.f);
+    if (G.k1 > 0) detail::gconv_part(conv1_args(B, s, G, W, conv_in), T.rank, T.size, conv1_sums);
     if (B.has_shortcut()) detail::gconv_part(shortcut_args(B, s, conv_in, out), T.rank, T.size, nullptr);
+    // Barrier 1: gate 2 reads every rank's conv1 sums; conv2 reads conv1's planes and
+    // finish_channels and conv2 the shortcut's output in out, all written by every rank.
     T.barrier();
-    // Phase 4: gate 2 on conv1's pooled output.
-    if (T.leader()) gate2(B, g2, s, W, T.size, counts);
-    T.barrier();
-    // Phase 5: conv2 on the active rows and columns, added to the shortcut; the other channels.
+    gate2(B, g2, s, W, G, T, counts);
+    // conv2 on the active rows and columns, added to the shortcut; the other channels.  The sums
+    // of this rank's share of out go to its part of W.out_sums, by channel.
+    float* sums = W.out_part(T.rank);
+    std::fill(sums, sums + B.c, 0.f);
     const float* res = B.has_shortcut() ? out : x;
-    if (W.k1 > 0 && W.k2 > 0) detail::gconv_part(conv2_args(B, s, W, out, res), T.rank, T.size, nullptr);
-    finish_channels(B, s, W, out, res, T.begin(B.c), T.end(B.c));
+    if (G.k1 > 0 && G.k2 > 0) {
+      std::fill(G.conv2_sums.begin(), G.conv2_sums.begin() + G.k2, 0.f);
+      detail::gconv_part(conv2_args(B, s, G, W, out, res), T.rank, T.size, G.conv2_sums.data());
+      for (int32_t k = 0; k < G.k2; ++k) sums[G.idx2[k]] = G.conv2_sums[k];
+    }
+    finish_channels(B, s, G, out, res, T.begin(B.c), T.end(B.c), sums);
+    // Barrier 2: the next block (or the head) reads out and the sums of every rank.
     T.barrier();
   }
 
-  void gate1(const BlockWeights& B, const detail::GateParams& gate, Workspace& W, int32_t* counts) const {
-    W.k1 = detail::gate_one(gate, W.pooled_in.data(), W.g1.data(), W.idx1.data(), W.hidden.data());
-    counts[0] = W.k1;
+  // Gate 1 on this rank, from the sums of x that every rank left in W.out_sums.
+  void gate1(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, const Workspace& W,
+             GateState& G, const Team& T, int32_t* counts) const {
+    pooled_means(W, T.size, B.cin, s.hw_in(), G.pooled_in.data());
+    G.k1 = detail::gate_one(gate, G.pooled_in.data(), G.g1.data(), G.idx1.data(), G.hidden.data());
+    if (T.leader()) counts[0] = G.k1;
     const float* b1 = B.b1.data_ptr<float>();
-    for (int32_t j = 0; j < W.k1; ++j) {
-      W.s1[j] = W.g1[W.idx1[j]];
-      W.bias1[j] = b1[W.idx1[j]];
+    for (int32_t j = 0; j < G.k1; ++j) {
+      G.s1[j] = G.g1[G.idx1[j]];
+      G.bias1[j] = b1[G.idx1[j]];
     }
   }
 
-  void gate2(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, Workspace& W, int64_t parts,
-             int32_t* counts) const {
-    std::fill(W.pooled_mid.begin(), W.pooled_mid.begin() + B.c, 0.f);
+  // Gate 2 on this rank, from the conv1 sums of every rank, added in rank order.
+  void gate2(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, Workspace& W, GateState& G,
+             const Team& T, int32_t* counts) const {
+    std::fill(G.pooled_mid.begin(), G.pooled_mid.begin() + B.c, 0.f);
     const float inv = 1.f / static_cast<float>(s.hw());
-    for (int32_t j = 0; j < W.k1; ++j) {
+    for (int32_t j = 0; j < G.k1; ++j) {
       float acc = 0.f;
-      for (int64_t p = 0; p < parts; ++p) acc += W.partial[p * B.c + j];
-      W.pooled_mid[W.idx1[j]] = acc * inv;
+      for (int64_t r = 0; r < T.size; ++r) acc += W.conv1_part(r)[j];
+      G.pooled_mid[G.idx1[j]] = acc * inv;
     }
-    W.k2 = detail::gate_one(gate, W.pooled_mid.data(), W.g2.data(), W.idx2.data(), W.hidden.data());
-    counts[1] = W.k2;
-    std::fill(W.pos.begin(), W.pos.begin() + B.c, -1);
+    G.k2 = detail::gate_one(gate, G.pooled_mid.data(), G.g2.data(), G.idx2.data(), G.hidden.data());
+    if (T.leader()) counts[1] = G.k2;
+    std::fill(G.pos.begin(), G.pos.begin() + B.c, -1);
     const float* b2 = B.b2.data_ptr<float>();
-    for (int32_t k = 0; k < W.k2; ++k) {
-      const int32_t ch = W.idx2[k];
-      W.pos[ch] = k;
-      W.s2[k] = W.g2[ch];
-      W.bias2[k] = b2[ch];
+    for (int32_t k = 0; k < G.k2; ++k) {
+      const int32_t ch = G.idx2[k];
+      G.pos[ch] = k;
+      G.s2[k] = G.g2[ch];
+      G.bias2[k] = b2[ch];
     }
   }
 
@@ -470,17 +568,18 @@ class CpuNetwork : public torch::CustomClassHolder {
   }
 
   // conv1: relu(g1 * (W1[A1] x + b1)) written to the pixels of conv2's input planes.
-  GConvArgs conv1_args(const BlockWeights& B, const BlockShape& s, Workspace& W, const float* in) const {
+  GConvArgs conv1_args(const BlockWeights& B, const BlockShape& s, const GateState& G, const Workspace& W,
+                       const float* in) const {
     GConvArgs c;
     c.in = in;
     c.geom = s.conv_in;
     c.nch = B.cin;
     c.weight = B.w1.data_ptr<float>();
     c.ldw = B.cin * kTaps;
-    c.rows = W.idx1.data();
-    c.m = W.k1;
-    c.bias = W.bias1.data();
-    c.scale = W.s1.data();
+    c.rows = G.idx1.data();
+    c.m = G.k1;
+    c.bias = G.bias1.data();
+    c.scale = G.s1.data();
     c.out = W.mid_planes();
     c.out_chan_stride = s.out_act.cstride;
     c.out_offset = data_offset(s.out_act);
@@ -507,42 +606,44 @@ class CpuNetwork : public torch::CustomClassHolder {
   }
 
   // conv2: out[A2] = relu(res[A2] + g2 * (W2[A2, A1] a + b2)).
-  GConvArgs conv2_args(const BlockWeights& B, const BlockShape& s, Workspace& W, float* out,
+  GConvArgs conv2_args(const BlockWeights& B, const BlockShape& s, const GateState& G, const Workspace& W, float* out,
                        const float* res) const {
     GConvArgs c;
     c.in = W.mid_planes();
     c.geom = s.out_act;
-    c.nch = W.k1;
+    c.nch = G.k1;
     c.weight = B.w2.data_ptr<float>();
     c.ldw = B.c * kTaps;
-    c.rows = W.idx2.data();
-    c.cols = W.idx1.data();
-    c.m = W.k2;
-    c.bias = W.bias2.data();
-    c.scale = W.s2.data();
+    c.rows = G.idx2.data();
+    c.cols = G.idx1.data();
+    c.m = G.k2;
+    c.bias = G.bias2.data();
+    c.scale = G.s2.data();
     c.out = out;
     c.residual = res;
-    c.out_chans = W.idx2.data();
+    c.out_chans = G.idx2.data();
     c.out_chan_stride = s.out_act.cstride;
     c.out_offset = data_offset(s.out_act);
     return c;
   }
 
   // Channels [c0, c1) that conv2 did not write: relu(res) where gate 2 is closed, and
-  // relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0).
-  void finish_channels(const BlockWeights& B, const BlockShape& s, const Workspace& W, float* out,
-                       const float* res, int64_t c0, int64_t c1) const {
+  // relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0); their sums
+  // go to sums[ch].
+  void finish_channels(const BlockWeights& B, const BlockShape& s, const GateState& G, float* out, const float* res,
+                       int64_t c0, int64_t c1, float* sums) const {
     const int64_t hw = s.hw(), cs = s.out_act.cstride, off = data_offset(s.out_act);
     for (int64_t ch = c0; ch < c1; ++ch) {
-      const int32_t k = W.pos[ch];
-      if (k >= 0 && W.k1 > 0) continue;
-      const float add = k >= 0 ? W.s2[k] * W.bias2[k] : 0.f;
+      const int32_t k = G.pos[ch];
+      if (k >= 0 && G.k1 > 0) continue;
+      const float add = k >= 0 ? G.s2[k] * G.bias2[k] : 0.f;
       float* o = out + ch * cs + off;
       const float* r = res + ch * cs + off;
       for (int64_t i = 0; i < hw; ++i) {
         const float v = r[i] + add;
         o[i] = v < 0.f ? 0.f : v;  // NaN passes through, as torch.relu
       }
+      sums[ch] = detail::sum(o, hw);
     }
   }
 

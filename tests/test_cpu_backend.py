@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import calibrated
+from conftest import calibrated, threshold_margin
 
 from manidp.deploy import compile, ops
 from manidp.deploy.cpu_backend import HAVE_GCONV
@@ -196,6 +196,28 @@ def test_two_threads():
         for engine in engs.values():
             check(engine, x[:1], want1)
             check(engine, x, want)
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not HAVE_GCONV, reason="no gconv kernel on this CPU: the engine runs block by block")
+def test_two_threads_batch_one_deep_with_closed_gates():
+    """Batch 1 on 2 threads (one team through the whole network, each rank computing the gates)
+    at ResNet-56 depth against the reference: stride-2 blocks, |A1| = 0 (conv2 does not run) in a
+    stride-1 and a stride-2 block, |A2| = 0 (every channel is the shortcut alone) in another two."""
+    model, x = calibrated("dyresnet56", (32, 32), 0.5, n=3)
+    blocks = list(model.blocks())
+    for gate in (blocks[2].gate1, blocks[9].gate1, blocks[13].gate2, blocks[18].gate2):  # 9, 18: stride 2
+        gate.threshold.fill_(float("inf"))
+    closed = [4, 18, 27, 37]
+    assert threshold_margin(model, x) > 1e-4  # no gate value downstream of the closed ones within rounding
+    ref, engs = engines(model, ["auto"])
+    want = [expected(model, ref, x[i:i + 1]) for i in range(len(x))]
+    torch.set_num_threads(2)
+    try:
+        for i, want1 in enumerate(want):
+            active = check(engs["auto"], x[i:i + 1], want1)["active"]
+            assert (active[:, closed] == 0).all()
     finally:
         torch.set_num_threads(1)
 
