@@ -20,7 +20,9 @@ A run whose directory holds ``last.pth`` is finished: it is skipped, once its re
 settings are checked against the ones asked for (a mismatch stops the script).  Any
 other run is started with ``--resume``, so a killed run continues from its last
 checkpoint and ``manidp-train`` refuses one defined differently.  Each run's output
-goes to ``{run}.out`` beside its directory.  Static runs and the ManiDP runs share
+goes to ``{run}.out`` beside its directory, and its training log (``log.jsonl``, one line
+per epoch) is copied beside the result JSON, to ``<out stem>_logs/{arch}_s{seed}/{run}.jsonl``,
+where git keeps it while the checkpoints stay under ``--runs``.  Static runs and the ManiDP runs share
 epochs, learning rate and batch size, and all start from the seed's dense run.
 
 ManiDP and FBS-like models are compiled into engines, evaluated on the test split with
@@ -54,6 +56,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -421,6 +424,21 @@ def write(args, rows: List[dict]) -> None:
         json.dump({"environment": env, "settings": vars(args), "rows": rows}, f, indent=1)
 
 
+def copy_logs(args, seeds: List[int]) -> str:
+    """Every run's training log beside the result JSON, where git keeps it (the checkpoints stay in
+    ``--runs``): ``<out stem>_logs/<arch>_s<seed>/<run>.jsonl``; returns that directory."""
+    dest = os.path.splitext(args.out)[0] + "_logs"
+    for seed in seeds:
+        name = f"{args.arch}_s{seed}"
+        base = os.path.join(args.runs, name)
+        for run in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            src = os.path.join(base, run, "log.jsonl")
+            if os.path.isfile(src):
+                os.makedirs(os.path.join(dest, name), exist_ok=True)
+                shutil.copyfile(src, os.path.join(dest, name, f"{run}.jsonl"))
+    return dest
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "summarize":  # summarize OUT.md RESULT.json...
@@ -435,6 +453,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             rows += ablation_seed(args, seed) if args.ablation else pipeline_seed(args, seed, data)
             write(args, rows)
+            copy_logs(args, [seed])
     except RunError as e:
         print(f"fashion_mnist.py: error: {e}", file=sys.stderr)
         return 1

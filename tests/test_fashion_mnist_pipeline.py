@@ -33,6 +33,11 @@ def test_pipeline_tiny(tmp_path):
     static = next(r for r in rows if r["method"].startswith("static"))
     assert static["flops_reduction"] == pytest.approx(manidp["flops_reduction"], abs=0.05)
 
+    logs = tmp_path / "r_logs" / "resnet20_s3"  # every run's training log beside the result JSON
+    assert sorted(f.name for f in logs.iterdir()) == ["dense.jsonl", "fbs_t0.5.jsonl", "manidp_t0.5.jsonl",
+                                                      "static_t0.5.jsonl"]
+    assert json.loads((logs / "dense.jsonl").read_text().splitlines()[-1])["epoch"] == 0
+
     mtime = os.path.getmtime(tmp_path / "runs" / "resnet20_s3" / "manidp_t0.5" / "last.pth")
     assert fm.main(argv) == 0  # finished runs are reused, not retrained
     assert os.path.getmtime(tmp_path / "runs" / "resnet20_s3" / "manidp_t0.5" / "last.pth") == mtime
