@@ -101,25 +101,17 @@ def _skipped(res: dict, reason: str):
 
 def run_spec(state: dict, spec: dict) -> dict:
     """The child's work: ``{"results": [...], "outputs": [...]}`` of the spec's method at its batch sizes."""
-    from .methods import TimingPlan, make_methods, measure_method
+    from .methods import TimingPlan, device_inputs, make_methods, measure_at_batch_sizes
     from .timing import TimeShare
     a = state["make_args"]
-    methods = {m.name: m for m in make_methods(**a)}
-    m = methods[spec["method"]]
+    m = next(m for m in make_methods(**a) if m.name == spec["method"])
     plan = TimingPlan(a["device"], a["dtype"], int(spec["iters"]),
                       TimeShare(0, float(spec["budget"]), int(spec["warmup"]), int(spec["min_iters"])))
-    if plan.device.type == "cuda":
-        torch.backends.cudnn.benchmark = not m.engine
-    results, outputs = [], []
+    sizes = spec["batch_sizes"]
     with torch.inference_mode():
-        for bs in spec["batch_sizes"]:
-            xs = [x.to(device=plan.device, dtype=plan.dtype) for x in state["batches"][bs]]
-            if m.channels_last:
-                xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-            res, out = measure_method(m, bs, xs, plan, 1)
-            results.append(res)
-            outputs.append(out)
-    return {"results": results, "outputs": outputs}
+        got = measure_at_batch_sizes(m, device_inputs({bs: state["batches"][bs] for bs in sizes}, plan), plan,
+                                     len(sizes))
+    return {"results": [res for res, _ in got], "outputs": [out for _, out in got]}
 
 
 def main(argv=None) -> int:

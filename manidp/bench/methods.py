@@ -38,8 +38,8 @@ from .runtimes import RUNTIMES, Runtime, Workspace, missing_reason, time_in_chil
 from .timing import TimeShare, engine_graph_runner, graph_runner, measure, summarize_times, sync
 
 __all__ = ["Method", "RuntimeMethod", "CompileBudget", "TimingPlan", "dense_model_from_gated", "folded_dense",
-           "engine_with_gates_open", "static_network", "make_methods", "measure_method", "time_methods", "timing_order",
-           "round_order", "best_round"]
+           "engine_with_gates_open", "static_network", "make_methods", "measure_method", "device_inputs",
+           "measure_at_batch_sizes", "time_methods", "timing_order", "round_order", "best_round"]
 
 CL = torch.channels_last
 
@@ -470,7 +470,7 @@ def best_round(results: List[dict]) -> dict:
     return best
 
 
-def _inputs(cpu_batches: Dict[int, List[torch.Tensor]], plan: TimingPlan) -> Dict[int, Dict[bool, list]]:
+def device_inputs(cpu_batches: Dict[int, List[torch.Tensor]], plan: TimingPlan) -> Dict[int, Dict[bool, list]]:
     """Every batch size's batches on the run's device and dtype, NCHW (False) and channels-last (True)."""
     inputs = {}
     for bs, xs in cpu_batches.items():
@@ -479,9 +479,10 @@ def _inputs(cpu_batches: Dict[int, List[torch.Tensor]], plan: TimingPlan) -> Dic
     return inputs
 
 
-def _measure_here(m: Method, inputs: Dict[int, Dict[bool, list]], plan: TimingPlan,
+def measure_at_batch_sizes(m: Method, inputs: Dict[int, Dict[bool, list]], plan: TimingPlan,
                   remaining: int) -> List[Tuple[dict, Optional[torch.Tensor]]]:
-    """``m`` at every batch size, in this process."""
+    """``(result, first-batch logits)`` of ``m`` at every batch size of ``inputs`` (:func:`device_inputs`),
+    timed in this process."""
     if plan.device.type == "cuda":  # autotune cuDNN for the fixed-shape dense convs, not per-instance shapes
         torch.backends.cudnn.benchmark = not m.engine
     return [measure_method(m, bs, xs[m.channels_last], plan, remaining - i) for i, (bs, xs) in
@@ -500,7 +501,7 @@ def time_methods(methods: List[Method], cpu_batches: Dict[int, List[torch.Tensor
     """
     from tqdm import tqdm
     total = plan.rounds * len(cpu_batches) * len(methods)
-    inputs = _inputs(cpu_batches, plan)
+    inputs = device_inputs(cpu_batches, plan)
     rounds: Dict[Tuple[str, int], List[dict]] = {}
     outputs: Dict[int, Dict[str, torch.Tensor]] = {bs: {} for bs in cpu_batches}
     done = 0
@@ -510,7 +511,7 @@ def time_methods(methods: List[Method], cpu_batches: Dict[int, List[torch.Tensor
             for m in timing_order(methods, round_order(plan.order, r)):
                 bar.set_description(f"round {r + 1}/{plan.rounds} {m.name}")
                 here = plan.children is None or m.isolation == "child-process" or m.skip is not None
-                got = (_measure_here(m, inputs, plan, total - done) if here
+                got = (measure_at_batch_sizes(m, inputs, plan, total - done) if here
                        else plan.children.measure(m, list(cpu_batches), plan, total - done))
                 for bs, (res, out) in zip(cpu_batches, got):
                     rounds.setdefault((m.name, bs), []).append(res)
