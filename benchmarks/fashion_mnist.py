@@ -15,6 +15,8 @@ memory when it ends and leaves no state behind in this one.  Runs, under ``--run
     {arch}_s{seed}/static_k{k}       static L1 pruning at keep ratio k (--static-keeps;
                                      --static_keep)
     {arch}_s{seed}/manidp_t{t}_f{F}  ManiDP reaching t at fraction F of the epochs (--ablation)
+    ..._w{S}                         the same with thresholds recalibrated every S steps
+                                     (--thre-window S: ManiDP, FBS-like and their static matches)
 
 A run whose directory holds ``last.pth`` is finished: it is skipped, once its recorded
 settings are checked against the ones asked for (a mismatch stops the script).  Any
@@ -111,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lambda-lasso", type=float, default=5e-3)
     p.add_argument("--lambda-graph", type=float, default=1.0)
+    p.add_argument("--thre-window", type=int, default=0, metavar="S",
+                   help="ManiDP / FBS-like runs recalibrate their thresholds every S training steps "
+                        "(manidp-train --thre_window; 0: once per epoch, the paper's rule)")
     p.add_argument("--runs", default="runs/fashion_mnist", help="directory of the training runs")
     p.add_argument("--out", default=None, help="result JSON (a Markdown table is written beside it in --ablation)")
     p.add_argument("--no-timing", action="store_true", help="skip the manidp-bench timing of engines")
@@ -154,6 +159,8 @@ def gated_flags(args, dense_ckpt: str, target: float, lambda_graph: float, frac:
              "--epochs", str(args.epochs), "--lr", str(args.lr)]
     if frac != 1.0:  # 1.0 is manidp-train's default: leave it out, as a hand-typed command would
         flags += ["--target_epoch_frac", str(frac)]
+    if args.thre_window:
+        flags += ["--thre_window", str(args.thre_window)]
     return flags
 
 
@@ -266,11 +273,12 @@ def run_dense(args, seed: int, base: str) -> dict:
 def run_gated(args, seed: int, base: str, target: float, lambda_graph: float, frac: float = 1.0) -> dict:
     """A ManiDP (or, with ``lambda_graph`` 0, FBS-like) run from the seed's dense checkpoint, and its row."""
     tag = "manidp" if lambda_graph else "fbs"
-    run_dir = f"{base}/{tag}_t{target}" + ("" if frac == 1.0 else f"_f{frac}")
+    run_dir = f"{base}/{tag}_t{target}" + ("" if frac == 1.0 else f"_f{frac}") + _window_suffix(args.thre_window)
     flags = common_flags(args, seed) + gated_flags(args, _dense_ckpt(base), target, lambda_graph, frac)
     r = manidp_train(run_dir, flags)
     return {"arch": args.arch, "method": "manidp" if lambda_graph else "no-manifold (FBS-like)", "seed": seed,
-            "target_remain_rate": target, "target_epoch_frac": frac, "top1": r["top1"],
+            "target_remain_rate": target, "target_epoch_frac": frac, "thre_window": args.thre_window,
+            "top1": r["top1"],
             "flops_reduction": r["flops_reduction"], "epochs": r["epochs"], "checkpoint": r["checkpoint"]}
 
 
@@ -280,8 +288,10 @@ def run_static(args, seed: int, base: str, matched: Optional[dict] = None, keep:
         target = matched["target_remain_rate"]
         # Gates cost MACs: a run too short to close channels can cost more than dense.
         frac = min(1.0 - matched["flops_reduction"], 1.0)
-        run_dir, flags = f"{base}/static_t{target}", static_flags(args, _dense_ckpt(base), "--static_target_macs", frac)
-        extra = {"matched_to_target": target, "speedups": matched.get("speedups"),
+        window = matched.get("thre_window", 0)
+        run_dir = f"{base}/static_t{target}{_window_suffix(window)}"
+        flags = static_flags(args, _dense_ckpt(base), "--static_target_macs", frac)
+        extra = {"matched_to_target": target, "matched_thre_window": window, "speedups": matched.get("speedups"),
                  **{k: matched[k] for k in ("bench_cpu", "bench_threads", "bench_kernel") if k in matched}}
     else:
         run_dir, flags = f"{base}/static_k{keep}", static_flags(args, _dense_ckpt(base), "--static_keep", keep)
@@ -290,6 +300,10 @@ def run_static(args, seed: int, base: str, matched: Optional[dict] = None, keep:
     return {"arch": args.arch, "method": STATIC_METHOD, "seed": seed, "top1": r["top1"],
             "flops_reduction": r["flops_reduction"], "macs": r["macs"], "widths": r["widths"], "epochs": r["epochs"],
             **extra}
+
+
+def _window_suffix(window: int) -> str:
+    return f"_w{window}" if window else ""
 
 
 def _dense_ckpt(base: str) -> str:
@@ -332,16 +346,23 @@ def ablation_seed(args, seed: int) -> List[dict]:
 # ----------------------------------------------------------------------------- result files
 def _row_key(r: dict) -> tuple:
     return (r["arch"], r["method"], r["seed"], r.get("target_remain_rate"), r.get("matched_to_target"),
-            r.get("keep"), r.get("target_epoch_frac", 1.0))
+            r.get("keep"), r.get("target_epoch_frac", 1.0), r.get("thre_window", r.get("matched_thre_window", 0)))
 
 
 def _target(r: dict) -> str:
     if "target_remain_rate" in r:
         frac = r.get("target_epoch_frac", 1.0)
-        return f"{r['target_remain_rate']}" + ("" if frac == 1.0 else f", reached at {frac:.0%} of the epochs")
+        return (f"{r['target_remain_rate']}" + ("" if frac == 1.0 else f", reached at {frac:.0%} of the epochs")
+                + _window_note(r.get("thre_window", 0)))
     if r.get("keep") is not None:
         return f"keep {r['keep']}"
-    return "-" if r.get("matched_to_target") is None else f"FLOPs of ManiDP {r['matched_to_target']}"
+    if r.get("matched_to_target") is None:
+        return "-"
+    return f"FLOPs of ManiDP {r['matched_to_target']}" + _window_note(r.get("matched_thre_window", 0))
+
+
+def _window_note(window: int) -> str:
+    return f", thresholds every {window} steps" if window else ""
 
 
 def _speedup(r: dict, batch: str) -> Optional[float]:

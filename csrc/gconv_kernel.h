@@ -165,19 +165,25 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
     block_nv<MR, 9>(a, m0, q0, tm, pooled);
 }
 
-// Work items [i0, i1) of the (tile, row block) grid over the pixels below qend, tile-major:
-// consecutive items share a tile, whose input stays in L1/L2 while the row blocks sweep it.
-// Pooled sums (if any) are added to `pooled`.
-void run_items(const GConvArgs& a, int64_t qend, int64_t nblocks, int64_t i0, int64_t i1, float* pooled) {
-  int64_t cur = -1;
-  TileMap tm;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t tile = i / nblocks, m0 = (i % nblocks) * kMR;
-    if (tile != cur) {
-      tm = tile_map(a, tile * kTile, qend);
-      cur = tile;
-    }
-    block_any(a, m0, static_cast<int>(std::min<int64_t>(kMR, a.m - m0)), tile * kTile, tm, pooled);
+// Rows [r0, r1) of the tile at q0 in register blocks of at most kMR rows, as equal as possible
+// (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2: no block is left with a few rows that still pay the
+// whole tile's loads).
+void run_rows(const GConvArgs& a, int64_t q0, const TileMap& tm, int64_t r0, int64_t r1, float* pooled) {
+  const int64_t len = r1 - r0, nb = (len + kMR - 1) / kMR;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t m0 = r0 + len * b / nb, m1 = r0 + len * (b + 1) / nb;
+    block_any(a, m0, static_cast<int>(m1 - m0), q0, tm, pooled);
+  }
+}
+
+// Units [u0, u1) of the (tile, row) grid over the pixels below qend, tile-major (unit u is row
+// u % m of tile u / m): consecutive units share a tile, whose input stays in L1/L2 while the
+// row blocks sweep it.  Pooled sums (if any) are added to `pooled`.
+void run_units(const GConvArgs& a, int64_t qend, int64_t u0, int64_t u1, float* pooled) {
+  for (int64_t u = u0; u < u1;) {
+    const int64_t tile = u / a.m, r0 = u % a.m, r1 = std::min<int64_t>(a.m, r0 + (u1 - u));
+    run_rows(a, tile * kTile, tile_map(a, tile * kTile, qend), r0, r1, pooled);
+    u += r1 - r0;
   }
 }
 
@@ -235,7 +241,7 @@ void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend, int64_t m0, int64
 
 // How a conv's pixels split: register-block tiles below qmain, dot-product tail pixels above.
 struct Split {
-  int64_t qend, qmain, nblocks, items;
+  int64_t qend, qmain, units;  // units: tiles x rows
 };
 
 Split split_of(const GConvArgs& a) {
@@ -244,19 +250,18 @@ Split split_of(const GConvArgs& a) {
   // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
   const int64_t rest = s.qend % 16;
   s.qmain = (s.qend > 16 && rest <= 4) ? s.qend - rest : s.qend;
-  s.nblocks = (a.m + kMR - 1) / kMR;
-  s.items = (s.qmain + kTile - 1) / kTile * s.nblocks;
+  s.units = (s.qmain + kTile - 1) / kTile * a.m;
   return s;
 }
 
-// Part `part` of `nparts` of the conv: an equal run of the (tile, row block) grid, tile-major, and
-// an equal share of the tail rows; balanced to one item whatever the shape (late layers: one tile,
-// many row blocks; early layers: many tiles, few blocks).  Pooled sums (not yet divided by the
+// Part `part` of `nparts` of the conv: an equal run of the (tile, row) grid, tile-major, and an
+// equal share of the tail rows; balanced to one row of one tile whatever the shape (late layers:
+// one tile, many rows; early layers: many tiles, few rows).  Pooled sums (not yet divided by the
 // pixel count) are added to `pooled` (m floats) when it is not null.
 void run_gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
   if (a.m <= 0) return;
   const Split s = split_of(a);
-  run_items(a, s.qmain, s.nblocks, s.items * part / nparts, s.items * (part + 1) / nparts, pooled);
+  run_units(a, s.qmain, s.units * part / nparts, s.units * (part + 1) / nparts, pooled);
   if (s.qmain < s.qend) tail_pixels(a, s.qmain, s.qend, a.m * part / nparts, a.m * (part + 1) / nparts, pooled);
 }
 
@@ -265,7 +270,7 @@ void run_gconv(const GConvArgs& a) {
   if (a.m <= 0) return;
   if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (nthreads == 1 || split_of(a).items == 1) {
+  if (nthreads == 1 || split_of(a).units <= kMR) {
     run_gconv_part(a, 0, 1, a.pooled);
   } else {
     // A row's pooled sum may come from two threads, so each part has its own slots.

@@ -80,6 +80,41 @@ void zero_borders(float* buf, const PlaneGeometry& g, int64_t c0, int64_t c1) {
   }
 }
 
+// The buffers whose borders one rank has zeroed during the current instance, each with the
+// geometry and channels it zeroed them for.  gconv and finish_channels write only pixels, so the
+// borders stay zero until a map of another geometry goes into the buffer; a block then zeroes
+// them only where the map's size changes, not in every block.
+class ZeroedBorders {
+ public:
+  void clear() { n_ = 0; }
+  // zero_borders(buf, g, c0, c1), unless this rank has done exactly that since buf last held a
+  // map of another geometry.  Every rank must call it for every map written into buf.
+  void ensure(float* buf, const PlaneGeometry& g, int64_t c0, int64_t c1) {
+    const Entry want{buf, g.cstride, data_offset(g), g.ho * g.wo, c0, c1};
+    int i = 0;
+    while (i < n_ && entries_[i].buf != buf) ++i;
+    if (i < n_ && entries_[i] == want) return;
+    zero_borders(buf, g, c0, c1);
+    if (i == n_) {
+      if (n_ == kMax) return;  // untracked: zeroed again next time
+      ++n_;
+    }
+    entries_[i] = want;
+  }
+
+ private:
+  struct Entry {
+    const float* buf;
+    int64_t cstride, off, pixels, c0, c1;
+    bool operator==(const Entry& o) const {
+      return buf == o.buf && cstride == o.cstride && off == o.off && pixels == o.pixels && c0 == o.c0 && c1 == o.c1;
+    }
+  };
+  static constexpr int kMax = 4;
+  Entry entries_[kMax] = {};
+  int n_ = 0;
+};
+
 // The threads that run one instance together: this thread's rank and the team size.
 struct Team {
   int64_t rank = 0, size = 1;
@@ -166,6 +201,7 @@ struct Workspace {
   float* in_planes() const { return arena[2]; }
   float* mid_planes() const { return arena[3]; }
   std::vector<GateState> ranks;  // one per team member
+  std::vector<ZeroedBorders> zeroed;  // one per team member
   // Per rank, `sums_stride` floats apart (whole cache lines, so that ranks do not share one):
   // conv1's pooled sums of the rank's share by row (position in idx1), for gate 2; and the sums
   // of the rank's share of the map the next gate 1 reads (the stem or block output), by channel.
@@ -385,6 +421,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     grow(W.conv1_sums, team * W.sums_stride);
     grow(W.out_sums, team * W.sums_stride);
     grow(W.ranks, team);
+    grow(W.zeroed, team);
     for (int64_t r = 0; r < team; ++r) {
       GateState& G = W.ranks[r];
       for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2, &G.conv2_sums})
@@ -415,12 +452,13 @@ class CpuNetwork : public torch::CustomClassHolder {
     const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
     float* sums = W.out_part(T.rank);
     std::fill(sums, sums + c0, 0.f);
+    W.zeroed[T.rank].clear();  // the arena may have moved since the last instance
     const float* in = W.act(1);
     if (gconv_stem_) {
       const int64_t cin = stem_w_.size(1);
       detail::pack_planes(g0, x + T.begin(cin) * hw0, hw0, T.end(cin) - T.begin(cin),
                           W.in_planes() + T.begin(cin) * g0.cstride);
-      zero_borders(W.act(1), g0, T.begin(c0), T.end(c0));
+      W.zeroed[T.rank].ensure(W.act(1), g0, T.begin(c0), T.end(c0));
       // Every rank's share of the stem reads every input channel, packed by all ranks.
       T.barrier();
       detail::gconv_part(stem_args(g0, W), T.rank, T.size, sums);  // rows are channels: sums by channel
@@ -478,8 +516,8 @@ class CpuNetwork : public torch::CustomClassHolder {
                  const BlockShape& s, const float* x, float* out, Workspace& W, const Team& T, int32_t* counts) const {
     GateState& G = W.ranks[T.rank];
     gate1(B, g1, s, W, G, T, counts);
-    zero_borders(W.mid_planes(), s.out_act, T.begin(B.c), T.end(B.c));
-    zero_borders(out, s.out_act, T.begin(B.c), T.end(B.c));
+    W.zeroed[T.rank].ensure(W.mid_planes(), s.out_act, T.begin(B.c), T.end(B.c));
+    W.zeroed[T.rank].ensure(out, s.out_act, T.begin(B.c), T.end(B.c));
     const float* conv_in = x;
     if (s.repacked()) {
       const int64_t j0 = T.begin(B.cin), j1 = T.end(B.cin);

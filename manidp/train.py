@@ -71,7 +71,7 @@ DEFINING_ARGS = ("arch", "dataset", "dense", "epochs", "lr", "batch_size", "deca
                  "target_remain_rate", "lambda_lasso", "lambda_graph", "thre_freq", "thre_init",
                  "thre_cls", "gamma", "clamp_max", "squeeze_rate", "train_subset", "test_subset",
                  "image_size", "freeze_bn", "amp", "clip_grad", "gate_init",
-                 "static_keep", "static_target_macs", "target_epoch_frac")
+                 "static_keep", "static_target_macs", "target_epoch_frac", "thre_window")
 
 
 class UsageError(ValueError):
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decay", type=float, default=5e-4, help="weight decay of the backbone")
     a("--decay_branch", type=float, default=0.0, help="weight decay of the gate parameters")
     a("--thre_freq", type=int, default=1, help="recalibrate gate thresholds every N epochs")
+    a("--thre_window", type=int, default=0, metavar="S",
+      help="also recalibrate every S training steps from the gate values of those steps, at the epoch's "
+           "remain rate (0: only at epoch starts, from the whole last epoch, the paper's rule)")
     a("--thre_init", type=float, default=-10000.0, help="initial gate threshold (all channels pass)")
     a("--thre_cls", type=float, default=0.5, help="easy instance: loss < thre_cls * previous mean loss")
     a("--gamma", type=float, default=1.0, help="exponent of the complexity weights")
@@ -182,6 +185,7 @@ def validate_args(args: argparse.Namespace) -> None:
         (not math.isnan(args.thre_init), "--thre_init must be a number (not NaN)"),
         (finite(args.clip_grad) and args.clip_grad >= 0, "--clip_grad must be a finite number >= 0"),
         (0.0 < args.target_epoch_frac <= 1.0, "--target_epoch_frac must be in (0, 1]"),
+        (args.thre_window >= 0, "--thre_window must be >= 0"),
     ]
     checks += [(finite(getattr(args, k)) and getattr(args, k) >= 0, f"--{k} must be a finite number >= 0")
                for k in ("decay", "decay_branch", "lambda_lasso", "lambda_graph", "gamma")]
@@ -956,9 +960,10 @@ def _end_of_epoch_sync(run: Run, stats: dict) -> None:
     """Sum gate statistics and losses over ranks; give every rank the same BN statistics."""
     D.sync_gate_statistics(run.env, run.gates)
     D.average_buffers_(run.env, run.net)
-    n, ce, loss, cplx, sim = D.all_reduce_sum(run.env, [stats[k] for k in ("n", "ce", "loss", "cplx", "sim")])
-    stats.update(n=n, ce=ce, loss=loss, cplx=cplx, sim=sim)
-    run.state.mask_count = n
+    n, ce, loss, cplx, sim, n_stats = D.all_reduce_sum(
+        run.env, [stats[k] for k in ("n", "ce", "loss", "cplx", "sim", "n_stats")])
+    stats.update(n=n, ce=ce, loss=loss, cplx=cplx, sim=sim, n_stats=n_stats)
+    run.state.mask_count = n_stats  # the instances behind mask_sum: the epoch's, or its last window's
 
 
 def _eval_split(run: Run, ds, desc: str, count_flops: bool = True) -> dict:
@@ -976,10 +981,31 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     local = args.batch_size // env.world_size
     batches = train_batches(run.data.train, epoch, local, args.manualSeed, env.rank, env.world_size,
                             args.workers, run.device.type == "cuda")
-    sums = dict(n=0.0, ce=0.0, loss=0.0, cplx=0.0, sim=0.0, skipped=0)
-    for x, y in _progress(batches, run.steps, f"epoch {epoch}", args.quiet or not env.is_main):
+    sums = dict(n=0.0, ce=0.0, loss=0.0, cplx=0.0, sim=0.0, skipped=0, n_stats=0.0)
+    window = args.thre_window if (run.gates and epoch >= 1) else 0
+    for step, (x, y) in enumerate(_progress(batches, run.steps, f"epoch {epoch}", args.quiet or not env.is_main)):
+        n_before = sums["n"]
         _train_step(run, x, y, sums)
+        sums["n_stats"] += sums["n"] - n_before  # a skipped step leaves no statistics
+        if window and (step + 1) % window == 0 and step + 1 < run.steps:
+            _window_calibrate(run, sums)
     return sums
+
+
+def _window_calibrate(run: Run, sums: dict) -> None:
+    """--thre_window: thresholds from the gate values of the steps since the last calibration.
+
+    Within a long epoch the complexity loss keeps lowering the gate values, so thresholds
+    taken from a whole epoch's means sit above most of the next epoch's values and the
+    network keeps far fewer channels than the remain rate says (docs/DESIGN.md 1.4).
+    """
+    D.sync_gate_statistics(run.env, run.gates)
+    count = D.all_reduce_sum(run.env, [sums["n_stats"]])[0]
+    if count > 0:
+        thresholds = calibrate_thresholds(run.gates, count, run.state.rate)
+        D.assert_same_across_ranks(run.env, thresholds, "gate thresholds")
+    reset_gate_statistics(run.gates)
+    sums["n_stats"] = 0.0
 
 
 def _train_mode(run: Run) -> None:

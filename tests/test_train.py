@@ -587,3 +587,23 @@ def test_fashion_mnist_prune_keeps_accuracy(tmp_path):
     print(f"dense top1 {dense['top1']:.1f}  manidp top1 {r['top1']:.1f}  reduction {r['flops_reduction']:.3f}",
           [round(h["time_s"], 1) for h in dense["history"] + r["history"]], [h["top1"] for h in r["history"]])
     assert r["top1"] >= 70.0 and r["flops_reduction"] > 0.20
+
+
+def test_thre_window_recalibrates_within_epochs(tmp_path, dense_synthetic, monkeypatch):
+    """--thre_window 2 with 6 steps per epoch: epoch 0 keeps every channel; epoch 1 calibrates at its
+    start from all of epoch 0, then after steps 2 and 4 from those two steps' 64 images each."""
+    calls = []
+    real = T.calibrate_thresholds
+
+    def recording(gates, count, rate):
+        calls.append((count, rate))
+        return real(gates, count, rate)
+
+    monkeypatch.setattr(T, "calibrate_thresholds", recording)
+    r = train(**gated_args(tmp_path, dense_synthetic, epochs=2, thre_window=2, deterministic=False))
+    assert calls == [(192, pytest.approx(0.5)), (64, pytest.approx(0.5)), (64, pytest.approx(0.5))]
+    assert read_checkpoint(r["checkpoint"])["args"]["thre_window"] == 2
+    # the last two steps' statistics are what the next epoch would start from
+    assert load_checkpoint(os.path.join(str(tmp_path), "checkpoint.pth"))["state"]["mask_count"] == 64
+    with pytest.raises(UsageError, match="--thre_window must be >= 0"):
+        train(**gated_args(tmp_path / "bad", dense_synthetic, thre_window=-1))
