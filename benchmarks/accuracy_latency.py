@@ -7,6 +7,8 @@ Reads the training runs that ``benchmarks/fashion_mnist.py`` writes::
     RUNS/{arch}_s{seed}/fbs_t{t}         ManiDP without the manifold term (FBS-like)
     RUNS/{arch}_s{seed}/static_t{t}      static L1 pruning at ManiDP t's FLOPs
     RUNS/{arch}_s{seed}/static_k{keep}   static L1 pruning at keep ratio keep
+    ..._w{S}                             ManiDP / FBS-like runs whose thresholds were recalibrated
+                                         every S steps (--thre_window), and their static matches
 
 each holding ``log.jsonl`` and ``last.pth`` (a ``manidp-train`` checkpoint).  Per batch size it
 places every finished run at the time of the fastest way to deploy it on this CPU, fp32:
@@ -57,8 +59,8 @@ FORMAT = "manidp.accuracy_latency/1"
 CPU = torch.device("cpu")
 STATIC_KIND = "static"
 SEED_DIR = re.compile(r"^(?P<arch>[a-z]+[0-9]+)_s(?P<seed>[0-9]+)$")
-RUN_DIR = re.compile(r"^(?:(?P<dense>dense)|(?P<method>manidp|fbs)_t(?P<t>[0-9.]+)|"
-                     r"static_(?P<static>[tk])(?P<value>[0-9.]+))$")
+RUN_DIR = re.compile(r"^(?:(?P<dense>dense)|(?P<method>manidp|fbs)_t(?P<t>[0-9.]+)(?P<w>_w[0-9]+)?|"
+                     r"static_(?P<static>[tk])(?P<value>[0-9.]+)(?P<sw>_w[0-9]+)?)$")
 METHOD_LABELS = {"dense": "dense", "static": "static (L1)", "manidp": "ManiDP", "fbs": "FBS-like"}
 METHOD_KINDS = {"dense": DENSE_KIND, "static": STATIC_KIND, "manidp": GATED_KIND, "fbs": GATED_KIND}
 STYLES = {"dense": ("k", "s"), "static": ("tab:blue", "o"), "manidp": ("tab:red", "*"), "fbs": ("tab:orange", "D")}
@@ -120,7 +122,7 @@ class Run:
     arch: str
     seed: int
     method: str                 # dense, static, manidp, fbs
-    setting: Optional[str]      # "t0.6", "k0.5" or None (dense)
+    setting: Optional[str]      # "t0.6", "t0.6_w50", "k0.5" or None (dense)
     path: str
 
     @property
@@ -174,8 +176,8 @@ def _run_of(seed_dir: str, name: str, m: re.Match) -> Run:
     if r.group("dense"):
         return Run(arch, seed, "dense", None, path)
     if r.group("method"):
-        return Run(arch, seed, r.group("method"), f"t{r.group('t')}", path)
-    return Run(arch, seed, "static", f"{r.group('static')}{r.group('value')}", path)
+        return Run(arch, seed, r.group("method"), f"t{r.group('t')}{r.group('w') or ''}", path)
+    return Run(arch, seed, "static", f"{r.group('static')}{r.group('value')}{r.group('sw') or ''}", path)
 
 
 def find_runs(runs_dir: str) -> Tuple[List[Run], List[dict]]:

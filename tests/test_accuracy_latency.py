@@ -196,6 +196,19 @@ def test_missing_runs_directory_is_a_usage_error(tmp_path):
     assert _tool().main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
 
 
+def test_run_names_with_a_threshold_window(tmp_path):
+    """manidp_t0.6_w50 and its static match static_t0.6_w50 (fashion_mnist.py --thre-window) are runs too."""
+    seed_dir = tmp_path / "resnet20_s1"
+    for name in ("dense", "manidp_t0.6", "manidp_t0.6_w50", "fbs_t0.6_w50", "static_t0.6_w50", "static_k0.5",
+                 "manidp_t0.6_wx"):
+        (seed_dir / name).mkdir(parents=True)
+    runs, notes = _tool().find_runs(str(tmp_path))
+    assert sorted((r.method, r.setting or "") for r in runs) == [
+        ("dense", ""), ("fbs", "t0.6_w50"), ("manidp", "t0.6"), ("manidp", "t0.6_w50"),
+        ("static", "k0.5"), ("static", "t0.6_w50")]
+    assert notes == []
+
+
 # ---------------------------------------------------------------------------- the reading
 def _pt(run, kind, ms, top1):
     return {"run": run, "kind": kind, "arch": "resnet20", "batch_size": 1, "latency_ms": ms, "top1": top1}
