@@ -28,7 +28,7 @@ from ..deploy import compile as compile_engine
 from ..models import build_model, load_dense_state_dict
 from .environment import load_average
 from .methods import RUNTIME_SETTINGS, Method, RuntimeMethod, TimingPlan, best_round, engine_with_gates_open, \
-    folded_dense, measure_method, round_order, timing_order
+    folded_dense, logit_agreement, measure_method, round_order, timing_order
 from .runtimes import RUNTIMES, missing_reason
 
 __all__ = ["DENSE_KIND", "GATED_KIND", "dense_runtime_methods", "gated_twin", "open_engines", "gated_methods",
@@ -164,8 +164,7 @@ def time_at_batch_size(methods: Sequence[Method], batches: List[torch.Tensor], p
     for m in methods:
         out, ref = outputs.get(m.name), outputs.get(m.baseline)
         if out is not None and ref is not None:
-            results[m.name]["max_abs_diff"] = float((out - ref).abs().max())
-            results[m.name]["argmax_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
+            results[m.name].update(logit_agreement(out, ref))
     return results
 
 

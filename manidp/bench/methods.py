@@ -39,7 +39,7 @@ from .timing import TimeShare, engine_graph_runner, graph_runner, measure, summa
 
 __all__ = ["Method", "RuntimeMethod", "CompileBudget", "TimingPlan", "dense_model_from_gated", "folded_dense",
            "engine_with_gates_open", "static_network", "make_methods", "measure_method", "device_inputs",
-           "measure_at_batch_sizes", "time_methods", "timing_order", "round_order", "best_round"]
+           "measure_at_batch_sizes", "time_methods", "timing_order", "round_order", "best_round", "logit_agreement"]
 
 CL = torch.channels_last
 
@@ -438,15 +438,19 @@ def measure_method(m: Method, bs: int, batches: List[torch.Tensor], plan: Timing
     return res, out
 
 
+def logit_agreement(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """``max_abs_diff`` and ``argmax_agreement`` of a method's logits against its baseline's (report fields)."""
+    return {"max_abs_diff": float((out - ref).abs().max()),
+            "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean())}
+
+
 def _compare(methods: List[Method], bs: int, outputs: Dict[str, torch.Tensor]) -> None:
     """Each method's result at ``bs`` gets its logits' difference from its baseline's (both timed at ``bs``)."""
     for m in methods:
         out, ref = outputs.get(m.name), outputs.get(m.baseline)
         if out is None or ref is None:
             continue
-        res = next(r for r in m.results if r["batch_size"] == bs)
-        res["max_abs_diff"] = float((out - ref).abs().max())
-        res["argmax_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
+        next(r for r in m.results if r["batch_size"] == bs).update(logit_agreement(out, ref))
 
 
 def timing_order(methods: List[Method], order: str) -> List[Method]:
