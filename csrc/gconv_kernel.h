@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "manidp_cpu.h"
@@ -187,31 +188,46 @@ void run_units(const GConvArgs& a, int64_t qend, int64_t u0, int64_t u1, float* 
   }
 }
 
-// acc += a[0:n] * b[0:n], lane-wise; `rest` masks the last n % kW floats.
-MANIDP_GCONV_TARGET inline V dot_acc(V acc, const float* a, const float* b, int64_t n, M rest) {
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) acc = Isa::fmadd(Isa::loadu(a + i), Isa::loadu(b + i), acc);
-  if (i < n) acc = Isa::fmadd(Isa::maskz_loadu(rest, a + i), Isa::maskz_loadu(rest, b + i), acc);
-  return acc;
-}
+constexpr int kTailPixels = 4;  // at most this many pixels past the register-block tiles (split_of)
 
-// Pixels [q0, q0 + np) of output row m as dot products along K with their patches `col`.
-MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int64_t np, int64_t q0,
-                                  float* pooled) {
+// Pixels [q0, q0 + np) of output row m, np <= kTailPixels, as dot products along K with their
+// patches `col` (np x k floats).  The row's weights come contiguous along K (conv2's active
+// columns gathered into `wbuf`, k floats), so every load is a whole vector and each weight
+// vector serves all np pixels.
+MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int np, int64_t q0,
+                                  float* wbuf, float* pooled) {
   const int64_t k = a.nch * a.taps;
-  const float* wrow = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
-  const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
-  const M rest_k = Isa::mask((1u << (k % kW)) - 1u), rest_9 = Isa::mask((1u << (9 % kW)) - 1u);
-  for (int64_t p = 0; p < np; ++p) {
-    const float* c = col + p * k;
-    V acc = Isa::zero();
-    if (a.cols == nullptr || a.taps == 1) {  // conv1 / 1x1: the weight row is contiguous along K
-      acc = dot_acc(acc, wrow, c, k, rest_k);
-    } else {  // conv2: 9 weights per active input channel
-      for (int64_t j = 0; j < a.nch; ++j)
-        acc = dot_acc(acc, wrow + static_cast<int64_t>(a.cols[j]) * 9, c + j * 9, 9, rest_9);
+  const float* w = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
+  if (a.cols) {  // fixed-size copies, which the compiler inlines: a library call per 9 floats costs more
+    for (int64_t j = 0; j < a.nch; ++j) {
+      const float* src = w + static_cast<int64_t>(a.cols[j]) * a.taps;
+      if (a.taps == 9)
+        std::memcpy(wbuf + j * 9, src, 9 * sizeof(float));
+      else
+        std::copy_n(src, a.taps, wbuf + j * a.taps);
     }
-    float y = (a.scale ? a.scale[m] : 1.f) * (Isa::reduce_add(acc) + a.bias[m]);
+    w = wbuf;
+  }
+  V acc[kTailPixels];
+#pragma GCC unroll 4
+  for (int p = 0; p < kTailPixels; ++p) acc[p] = Isa::zero();
+  int64_t i = 0;
+  for (; i + kW <= k; i += kW) {
+    const V wv = Isa::loadu(w + i);
+#pragma GCC unroll 4
+    for (int p = 0; p < kTailPixels; ++p)
+      if (p < np) acc[p] = Isa::fmadd(wv, Isa::loadu(col + p * k + i), acc[p]);
+  }
+  if (i < k) {
+    const M rest = Isa::mask((1u << (k - i)) - 1u);
+    const V wv = Isa::maskz_loadu(rest, w + i);
+#pragma GCC unroll 4
+    for (int p = 0; p < kTailPixels; ++p)
+      if (p < np) acc[p] = Isa::fmadd(wv, Isa::maskz_loadu(rest, col + p * k + i), acc[p]);
+  }
+  const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
+  for (int p = 0; p < np; ++p) {
+    float y = (a.scale ? a.scale[m] : 1.f) * (Isa::reduce_add(acc[p]) + a.bias[m]);
     float* dst = a.out + chan + a.out_offset + q0 + p;
     if (a.residual) y += a.residual[dst - a.out];
     if (a.relu) y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
@@ -225,18 +241,22 @@ MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* co
 // vector of mostly idle lanes that costs as much as a whole vector, here they cost 1/kW of one.
 void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend, int64_t m0, int64_t m1, float* pooled) {
   const PlaneGeometry& g = a.geom;
-  const int64_t np = qend - q0, k = a.nch * a.taps;
-  std::vector<float> col(np * k);  // the pixels' input patches, zero where the tap is padding
-  for (int64_t p = 0; p < np; ++p) {
-    const int64_t q = q0 + p, ox = q % g.wo;
-    for (int i = 0; i < a.taps; ++i) {
-      const int t = a.taps == 1 ? 4 : i, kx = t % 3;
-      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
-      for (int64_t j = 0; j < a.nch; ++j)
-        col[p * k + j * a.taps + i] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
+  const int64_t k = a.nch * a.taps;
+  std::vector<float> col(kTailPixels * k), wbuf(a.cols ? k : 0);
+  for (int64_t p0 = q0; p0 < qend; p0 += kTailPixels) {
+    const int np = static_cast<int>(std::min<int64_t>(kTailPixels, qend - p0));
+    // the pixels' input patches, zero where the tap is padding
+    for (int p = 0; p < np; ++p) {
+      const int64_t q = p0 + p, ox = q % g.wo;
+      for (int i = 0; i < a.taps; ++i) {
+        const int t = a.taps == 1 ? 4 : i, kx = t % 3;
+        const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
+        for (int64_t j = 0; j < a.nch; ++j)
+          col[p * k + j * a.taps + i] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
+      }
     }
+    for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, p0, wbuf.data(), pooled);
   }
-  for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, q0, pooled);
 }
 
 // How a conv's pixels split: register-block tiles below qmain, dot-product tail pixels above.

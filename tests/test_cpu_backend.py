@@ -129,7 +129,9 @@ def test_batch_with_a_different_count_per_instance():
         assert len(set(stats["macs"].tolist())) == 8
 
 
-@pytest.mark.parametrize("size", [(29, 35), (7, 5), (33, 31)])
+# (29, 35) and (33, 31): 4 x 5 maps, 16 pixels in a vector and 4 as dot products (tail_pixels);
+# (68, 68): 17 x 17 and 9 x 9 maps, one tail pixel each.
+@pytest.mark.parametrize("size", [(29, 35), (7, 5), (33, 31), (68, 68)])
 def test_batch_one_and_odd_sizes_imagenet(size):
     model, x = calibrated("dyresnet18", size, 0.5, n=2)
     ref, engs = engines(model, ["auto", "instance", "library"])
