@@ -952,8 +952,13 @@ def _maybe_calibrate(run: Run, epoch: int) -> None:
     args, st = run.args, run.state
     if epoch >= 1 and epoch % args.thre_freq == 0 and st.mask_count > 0:
         st.rate = remain_rate(epoch, args.epochs, args.target_remain_rate, args.target_epoch_frac)
-        thresholds = calibrate_thresholds(run.gates, st.mask_count, st.rate)
-        D.assert_same_across_ranks(run.env, thresholds, "gate thresholds")
+        _calibrate(run, st.mask_count)
+
+
+def _calibrate(run: Run, count: float) -> None:
+    """Thresholds at the current remain rate from ``count`` instances' gate statistics, alike on every rank."""
+    thresholds = calibrate_thresholds(run.gates, count, run.state.rate)
+    D.assert_same_across_ranks(run.env, thresholds, "gate thresholds")
 
 
 def _end_of_epoch_sync(run: Run, stats: dict) -> None:
@@ -1002,8 +1007,7 @@ def _window_calibrate(run: Run, sums: dict) -> None:
     D.sync_gate_statistics(run.env, run.gates)
     count = D.all_reduce_sum(run.env, [sums["n_stats"]])[0]
     if count > 0:
-        thresholds = calibrate_thresholds(run.gates, count, run.state.rate)
-        D.assert_same_across_ranks(run.env, thresholds, "gate thresholds")
+        _calibrate(run, count)
     reset_gate_statistics(run.gates)
     sums["n_stats"] = 0.0
 
