@@ -149,6 +149,18 @@ def test_cifar_tiny_maps():
         check(engine, x, want)
 
 
+
+# Maps 32, 16, 8 and 4 pixels wide (a row boundary at the same lanes of every vector, or of every
+# other one) that are not whole 64-pixel tiles: (12, 32) gives 12 x 32, 6 x 16 and 3 x 8 maps;
+# (7, 16) gives 7 x 16, 4 x 8 and 2 x 4.
+@pytest.mark.parametrize("size", [(12, 32), (7, 16)])
+def test_cifar_maps_of_partial_tiles(size):
+    model, x = calibrated("dyresnet20", size, 0.5, n=2)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    for engine in engs.values():
+        check(engine, x, want)
+
 def test_input_layouts():
     model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
     ref, engs = engines(model, ["auto", "instance"])
