@@ -10,7 +10,8 @@ Reads the training runs that ``benchmarks/fashion_mnist.py`` writes::
     ..._w{S}                             ManiDP / FBS-like runs whose thresholds were recalibrated
                                          every S steps (--thre_window), and their static matches
 
-each holding ``log.jsonl`` and ``last.pth`` (a ``manidp-train`` checkpoint).  Per batch size it
+each holding ``log.jsonl`` and ``last.pth`` (a ``manidp-train`` checkpoint), and any compiled engine
+files given with ``--engine`` (``builtin``: the built-in model), as ManiDP points.  Per batch size it
 places every finished run at the time of the fastest way to deploy it on this CPU, fp32:
 
 * dense and static networks: the fastest of PyTorch eager, BN folded, folded channels-last,
@@ -20,11 +21,12 @@ places every finished run at the time of the fastest way to deploy it on this CP
   the same architecture in the same run beside it.
 
 Accuracy is the run's final test top-1 from ``log.jsonl``; gated runs are also compiled and
-evaluated on the same test split with the deployed engine (``engine_top1``).  Runs that are
+evaluated on the same test split with the deployed engine (``engine_top1``).  An engine file has no
+training log: its top-1 and MAC fraction are the deployed engine's on its dataset's whole test split.  Runs that are
 missing or unfinished are skipped with a note.  Writes ``results.json``, ``README.md`` (a table
 per batch size and where ManiDP is ahead or behind) and ``b{batch}.png``::
 
-    python benchmarks/accuracy_latency.py --runs DIR --out benchmarks/results/accuracy_latency
+    python benchmarks/accuracy_latency.py --runs DIR --engine builtin --out benchmarks/results/accuracy_latency
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ from manidp.checkpoint import CheckpointError, read_checkpoint, rebuild_model
 from manidp.data import DatasetError, build_dataset
 from manidp.deploy import compile as compile_engine
 from manidp.deploy.backends import available_backends
+from manidp.deploy.engine import DynamicResNet
 from manidp.preprocess import preprocess_spec
+from manidp.pretrained import DEFAULT_MODEL_PATH, default_model_info
 from manidp.static_pruning import StaticPrunedResNet
 
 FORMAT = "manidp.accuracy_latency/1"
@@ -81,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", required=True, help="directory of the training runs (benchmarks/fashion_mnist.py --runs)")
+    p.add_argument("--engine", action="append", default=[], metavar="PATH",
+                   help="a compiled engine file (DynamicResNet.save) to place as a ManiDP point, 'builtin' for the "
+                        "built-in model; may be repeated")
     p.add_argument("--out", default="benchmarks/results/accuracy_latency", help="output directory")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64])
     p.add_argument("--threads", type=int, default=2, help="CPU threads of torch, the engine, ONNX Runtime and OpenVINO")
@@ -122,12 +129,13 @@ class Run:
     arch: str
     seed: int
     method: str                 # dense, static, manidp, fbs
-    setting: Optional[str]      # "t0.6", "t0.6_w50", "k0.5" or None (dense)
+    setting: Optional[str]      # "t0.6", "t0.6_w50", "k0.5" or None (dense); an engine file's name
     path: str
+    engine_file: bool = False   # path is a compiled engine (--engine), not a run directory
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_s{self.seed}/{os.path.basename(self.path)}"
+        return self.setting if self.engine_file else f"{self.arch}_s{self.seed}/{os.path.basename(self.path)}"
 
     @property
     def kind(self) -> str:
@@ -160,6 +168,8 @@ class LoadedRun:
 
     @property
     def in_channels(self) -> int:
+        if isinstance(self.model, DynamicResNet):
+            return int(self.model.config["in_channels"])
         return int(self.model.conv1.in_channels)
 
     @property
@@ -196,6 +206,35 @@ def find_runs(runs_dir: str) -> Tuple[List[Run], List[dict]]:
     return sorted(runs, key=lambda r: (order[r.kind], r.arch, r.seed, r.path)), notes
 
 
+def engine_run(spec: str) -> Run:
+    """The ManiDP point of an ``--engine`` argument: a compiled engine file, or ``builtin``.
+
+    Its seed is the training seed the built-in model records, 0 for other files.
+    Raises :class:`BenchError` when the file is missing or is not an engine.
+    """
+    if spec == "builtin":
+        path, name = DEFAULT_MODEL_PATH, "built-in model"
+        seed = int((default_model_info().get("training_args") or {}).get("manualSeed", 0))
+    else:
+        path, name, seed = spec, os.path.basename(spec), 0
+    if not os.path.isfile(path):
+        raise BenchError(f"--engine {spec!r}: expected a compiled engine file (DynamicResNet.save) or 'builtin'; "
+                         f"{path} does not exist")
+    try:
+        config = DynamicResNet.load(path, backend="reference").config
+    except Exception as e:  # any unreadable file is a usage error, named
+        raise BenchError(f"--engine {spec!r}: not a compiled engine file: {type(e).__name__}: {e}") from None
+    return Run(config["arch"].removeprefix("dy"), seed, "manidp", name, path, engine_file=True)
+
+
+def load_engine_run(run: Run) -> LoadedRun:
+    """An engine file as a loaded run; its log (top-1, FLOPs reduction) is filled in when it is evaluated."""
+    engine = DynamicResNet.load(run.path, backend="reference")
+    dataset = (engine.config.get("preprocess") or {}).get("dataset") or "fashion-mnist"
+    ckpt = {"args": {"dataset": dataset}, "dataset": {"name": dataset, "input_size": engine.config["input_size"]}}
+    return LoadedRun(run, {}, engine.eval(), ckpt)
+
+
 def last_log_line(path: str) -> Optional[dict]:
     """The last JSON line of ``path``, or None if there is none."""
     if not os.path.isfile(path):
@@ -229,6 +268,8 @@ def rebuild(run: Run, ckpt: dict) -> nn.Module:
 
 def load_run(run: Run) -> Tuple[Optional[LoadedRun], Optional[str]]:
     """(the loaded run, None) or (None, why it is skipped)."""
+    if run.engine_file:
+        return load_engine_run(run), None
     log = last_log_line(os.path.join(run.path, "log.jsonl"))
     reason = unfinished_reason(run, log)
     if reason is not None:
@@ -308,7 +349,7 @@ def _reference_dense(lr: LoadedRun, bench: Bench, bs: int) -> dict:
         (v for (a, _), v in sorted(bench.best_dense.items()) if a == arch), {})
     if bs in found:
         return found[bs]
-    if lr.run.kind != GATED_KIND:
+    if lr.run.kind != GATED_KIND or lr.run.engine_file:  # an engine file has no backbone model to time
         return {"run": None, "runtime": None, "median_ms": None}
     methods = dense_runtime_methods(dense_model_from_gated(lr.model), f"{arch}_backbone_of_" +
                                     lr.run.name.replace("/", "_"), open_engines(lr.model, bench.backends))
@@ -343,10 +384,17 @@ def time_dense_like(lr: LoadedRun, bench: Bench) -> List[dict]:
 
 def time_gated(lr: LoadedRun, bench: Bench) -> List[dict]:
     """Points of a ManiDP or FBS-like run: the fastest gated backend, and the best dense time beside it."""
-    path = os.path.join(lr.run.path, "last.pth")
-    engines = {b: compile_engine(path, backend=b) for b in bench.backends}
+    if lr.run.engine_file:
+        engines = {b: DynamicResNet.load(lr.run.path, backend=b) for b in bench.backends}
+        deployed = DynamicResNet.load(lr.run.path)
+    else:
+        path = os.path.join(lr.run.path, "last.pth")
+        engines = {b: compile_engine(path, backend=b) for b in bench.backends}
+        deployed = compile_engine(path)
     # The deployed engine: the backend a user gets by default (backend "auto").
-    lr.engine_eval = engine_accuracy(compile_engine(path), bench.test_split(lr), bench.args.eval_batch_size)
+    lr.engine_eval = engine_accuracy(deployed, bench.test_split(lr), bench.args.eval_batch_size)
+    if lr.run.engine_file:  # no training log: the deployed engine's figures are the point's
+        lr.log = {"top1": lr.engine_eval["engine_top1"], "flops_reduction": 1.0 - lr.engine_eval["engine_mac_fraction"]}
     methods = gated_methods(engines)
     points = []
     for bs in bench.args.batch_sizes:
@@ -550,13 +598,14 @@ def run(args, argv: List[str]) -> dict:
     bench = Bench(args, resolve_backends(args.backends))
     try:
         runs, notes = find_runs(args.runs)
+        runs += [engine_run(spec) for spec in args.engine]
         for n in notes:
             print(f"{n['run']}: {n['reason']}", flush=True)
         env = dict(environment(argv, CPU, program="benchmarks/accuracy_latency.py"), runtime_isolation=ISOLATION)
         records, points, skipped = measure_runs(runs, bench)
     finally:
         bench.close()
-    settings = {k: getattr(args, k) for k in ("runs", "batch_sizes", "threads", "data", "warmup", "iters",
+    settings = {k: getattr(args, k) for k in ("runs", "engine", "batch_sizes", "threads", "data", "warmup", "iters",
                                               "min_iters", "time_budget", "num_batches", "eval_batch_size")}
     settings.update(backends=bench.backends, timing_data=list(bench.data_info.values()))
     return {"format": FORMAT, "environment": env, "load_average_end": load_average(), "settings": settings,

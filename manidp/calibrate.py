@@ -18,7 +18,11 @@ import torch.nn as nn
 
 from .flops import count_macs
 
-__all__ = ["calibrate_bn", "calibrate_keep_ratio", "calibrate_target_macs", "midpoint_threshold"]
+__all__ = ["calibrate_bn", "calibrate_keep_ratio", "calibrate_target_macs", "midpoint_threshold", "RANDOM_GATE_CLAMP"]
+
+# Upper clamp of the gate values of a calibrated random model: the kept values average 1 after
+# calibration, so this saturates only those above twice the mean (calibrate_bn).
+RANDOM_GATE_CLAMP = 2.0
 
 
 def midpoint_threshold(g: torch.Tensor, keep: float) -> float:
@@ -102,13 +106,24 @@ def _calibration_pass(model: nn.Module, x: torch.Tensor, keep: Optional[float], 
         undos.append(_patch_gates(gates, "active", _at_keep(keep)))
     was_training = model.training
     model.eval()
+    counts = {}
+    hooks = [m.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+             for m in bns]
     try:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average: one batch sets the statistics exactly
             m.train()
         model(x)
+        # BN normalises the batch by its biased variance but records the unbiased one; on small
+        # maps the two differ by percents, which would move eval-mode gate values across the
+        # thresholds just set.  Record the variance the pass normalised with.
+        for m, n in counts.items():
+            if n > 1:
+                m.running_var.mul_((n - 1) / n)
     finally:
+        for h in hooks:
+            h.remove()
         for undo in undos:
             undo()
         for m, (momentum, training) in zip(bns, saved):
@@ -129,11 +144,20 @@ def calibrate_bn(model: nn.Module, x: torch.Tensor, keep: Optional[float] = None
     its positive values average 1 (a positive scale does not change which
     channels a threshold keeps).  With ``keep`` it also sets the thresholds.
 
+    Every gate's ``clamp_max`` is then lowered to :data:`RANDOM_GATE_CLAMP`.  A
+    random gate's value grows in proportion to its input, so a block's residual
+    branch grows with the square of the block's input: on images a little
+    larger than the calibration batch the activations of a deep network
+    (ResNet-56) overflow within a few blocks.  Trained gates are bounded by their
+    training; this bound plays that part for random ones.
+
     The model is marked, so that later :func:`calibrate_keep_ratio` calls
     recompute the BN statistics together with the new thresholds (closing
     channels changes what every later BN sees).
     """
     _calibration_pass(model, x, keep, bn=True, gate_scale=True)
+    for gate in model.gates():
+        gate.clamp_max = min(gate.clamp_max, RANDOM_GATE_CLAMP)
     model._manidp_random_bn = True
 
 

@@ -139,7 +139,9 @@ def calibrated(arch, size, keep=0.5, n=4, seed=0, in_channels=3, num_classes=10,
     for attempt in range(8):
         torch.manual_seed(seed + 1000 * attempt)
         model = build_model(arch, num_classes=num_classes, in_channels=in_channels)
-        x = torch.randn(max(n, 2), in_channels, *size)
+        # at least 8 images: BN statistics of 2 images on 1x1 maps are degenerate, and the model
+        # then amplifies its input by many orders of magnitude
+        x = torch.randn(max(n, 8), in_channels, *size)
         calibrate_bn(model, x)
         if target_macs is not None:
             calibrate_target_macs(model, x, target_macs)

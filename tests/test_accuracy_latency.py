@@ -14,6 +14,7 @@ from manidp.bench.frontier import is_dense_runtime
 from manidp.bench.runtimes import RUNTIMES, missing_reason
 from manidp.checkpoint import CHECKPOINT_FORMAT, atomic_save, read_checkpoint, rebuild_model, with_digest
 from manidp.data import build_dataset, eval_batches
+from manidp.deploy import compile as compile_engine
 from manidp.deploy.backends import available_backends
 from manidp.flops import dense_macs
 from manidp.models import build_model, load_dense_state_dict
@@ -92,14 +93,23 @@ def test_static_checkpoint_rebuilds_as_a_narrow_network(runs_dir):
 
 
 @pytest.fixture(scope="module")
-def result(runs_dir, tmp_path_factory):
-    """The tool run once on ``runs_dir`` with tiny iteration counts: (exit status, out directory, results)."""
+def engine_file(runs_dir, tmp_path_factory) -> str:
+    """The ManiDP run compiled and saved as an engine file (an --engine point)."""
+    path = str(tmp_path_factory.mktemp("engines") / "manidp_t0.5.pt")
+    compile_engine(os.path.join(runs_dir, "resnet20_s1", "manidp_t0.5", "last.pth")).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(runs_dir, engine_file, tmp_path_factory):
+    """The tool run once on ``runs_dir`` and ``engine_file`` with tiny iteration counts: (exit status, out
+    directory, results)."""
     tool = _tool()
     out = tmp_path_factory.mktemp("out")
     backends = [b for b in ("cpu", "reference") if b in available_backends(torch.device("cpu"))][:1]
     argv = ["--runs", runs_dir, "--out", str(out), "--batch-sizes", "1,4", "--threads", "1", "--data", DATASET,
             "--backends", ",".join(backends), "--warmup", "1", "--iters", "2", "--min-iters", "1",
-            "--time-budget", "0", "--num-batches", "2"]
+            "--time-budget", "0", "--num-batches", "2", "--engine", engine_file]
     status = tool.main(argv)
     with open(out / "results.json") as f:
         return status, out, json.load(f)
@@ -113,7 +123,7 @@ def test_every_kind_of_point_at_every_batch_size(result):
     assert doc["settings"]["batch_sizes"] == [1, 4]
     for bs in (1, 4):
         methods = sorted(p["method"] for p in doc["points"] if p["batch_size"] == bs)
-        assert methods == ["dense", "fbs", "manidp", "static"]
+        assert methods == ["dense", "fbs", "manidp", "manidp", "static"]
     for p in doc["points"]:
         assert set(p) >= {"batch_size", "run", "arch", "seed", "method", "kind", "top1", "mac_fraction", "latency_ms",
                           "runtime", "load_average", "timings", "best_dense", "speedup_vs_best_dense"}
@@ -163,13 +173,33 @@ def test_gated_points_carry_the_best_dense_time_of_the_same_run(result):
 
 def test_gated_runs_are_evaluated_with_the_deployed_engine(result):
     _, _, doc = result
-    gated = [r for r in doc["runs"] if r["kind"] == "gated"]
+    gated = [r for r in doc["runs"] if r["kind"] == "gated" and r["run"] != "manidp_t0.5.pt"]
     assert len(gated) == 2
     for r in gated:
         assert r["engine_images"] == DATA["test_subset"]
         assert abs(r["engine_top1"] - r["top1"]) <= 100.0 / DATA["test_subset"] + 1e-9  # at most one image apart
     static = next(r for r in doc["runs"] if r["kind"] == "static")
     assert static["widths"] and static["mac_fraction"] < 1.0
+
+
+def test_engine_file_point_is_the_deployed_engine_on_the_whole_test_split(result, engine_file):
+    _, _, doc = result
+    [rec] = [r for r in doc["runs"] if r["run"] == "manidp_t0.5.pt"]
+    assert rec["path"] == engine_file and rec["method"] == "manidp" and rec["arch"] == "resnet20"
+    assert rec["engine_images"] == len(build_dataset(DATASET).test)
+    assert rec["top1"] == rec["engine_top1"] and rec["mac_fraction"] == pytest.approx(rec["engine_mac_fraction"])
+    points = [p for p in doc["points"] if p["run"] == "manidp_t0.5.pt"]
+    assert [p["batch_size"] for p in points] == [1, 4]
+    for p in points:  # its seed (0) has no dense run: another seed's is the reference
+        assert p["runtime"].startswith("engine-") and p["best_dense"]["run"] == "resnet20_s1/dense"
+
+
+def test_engine_argument_that_is_not_an_engine_is_a_usage_error(runs_dir, tmp_path):
+    bad = tmp_path / "not_an_engine.pt"
+    bad.write_bytes(b"not a torch file")
+    tool = _tool()
+    for spec in (str(bad), str(tmp_path / "missing.pt")):
+        assert tool.main(["--runs", runs_dir, "--out", str(tmp_path / "out"), "--engine", spec]) == 2
 
 
 def test_missing_and_unfinished_runs_are_skipped_with_a_note(result):

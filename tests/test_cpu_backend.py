@@ -224,7 +224,9 @@ def test_two_threads_batch_one_deep_with_closed_gates():
     for gate in (blocks[2].gate1, blocks[9].gate1, blocks[13].gate2, blocks[18].gate2):  # 9, 18: stride 2
         gate.threshold.fill_(float("inf"))
     closed = [4, 18, 27, 37]
-    assert threshold_margin(model, x) > 1e-4  # no gate value downstream of the closed ones within rounding
+    # no gate value downstream of the closed ones within rounding (gate values are about 1, and
+    # two engines' values differ by about 1e-6)
+    assert threshold_margin(model, x) > 2e-5
     ref, engs = engines(model, ["auto"])
     want = [expected(model, ref, x[i:i + 1]) for i in range(len(x))]
     torch.set_num_threads(2)

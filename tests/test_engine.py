@@ -103,7 +103,10 @@ def test_save_load_roundtrip(tmp_path):
 def test_compile_from_checkpoint(tmp_path):
     model, engine, x = _gated_and_engine()
     path = tmp_path / "ckpt.pth"
-    torch.save({"arch": "dyresnet20", "state_dict": model.state_dict(), "num_classes": 10}, path)
+    # clamp_max is a gate option, not a weight: a checkpoint records it in args, as manidp-train does
+    clamp = next(model.gates()).clamp_max
+    torch.save({"arch": "dyresnet20", "state_dict": model.state_dict(), "num_classes": 10,
+                "args": {"clamp_max": clamp}}, path)
     assert torch.equal(compile(str(path), backend="reference")(x), engine(x))
 
 
