@@ -106,9 +106,11 @@ def _calibration_pass(model: nn.Module, x: torch.Tensor, keep: Optional[float], 
         undos.append(_patch_gates(gates, "active", _at_keep(keep)))
     was_training = model.training
     model.eval()
-    counts = {}
-    hooks = [m.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
-             for m in bns]
+    counts = {}  # BN module -> values per channel it normalised
+
+    def count(m, inp, out):
+        counts[m] = inp[0].numel() // inp[0].shape[1]
+    hooks = [m.register_forward_hook(count) for m in bns]
     try:
         for m in bns:
             m.reset_running_stats()
