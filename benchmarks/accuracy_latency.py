@@ -21,9 +21,9 @@ places every finished run at the time of the fastest way to deploy it on this CP
   the same architecture in the same run beside it.
 
 Accuracy is the run's final test top-1 from ``log.jsonl``; gated runs are also compiled and
-evaluated on the same test split with the deployed engine (``engine_top1``).  An engine file has no
-training log: its top-1 and MAC fraction are the deployed engine's on its dataset's whole test split.  Runs that are
-missing or unfinished are skipped with a note.  Writes ``results.json``, ``README.md`` (a table
+evaluated on the same test split with the deployed engine (``engine_top1``).  An engine file has
+no training log: its top-1 and MAC fraction are the deployed engine's on its dataset's whole test
+split.  Runs that are missing or unfinished are skipped with a note.  Writes ``results.json``, ``README.md`` (a table
 per batch size and where ManiDP is ahead or behind) and ``b{batch}.png``::
 
     python benchmarks/accuracy_latency.py --runs DIR --engine builtin --out benchmarks/results/accuracy_latency
@@ -531,7 +531,9 @@ def readme(doc: dict) -> str:
            f"ManiDP and FBS-like networks under the fastest gated engine backend ({', '.join(s['backends'])}). "
            "*vs best dense* is the best dense time of the same architecture in this run over the point's time. "
            "Top-1 is the run's final test top-1 (log.jsonl); *engine top-1* is the deployed engine on the same "
-           f"test split. Timing images: {s['data']}, {s['num_batches']} batches rotated.", ""]
+           f"test split" + ("; an engine file (--engine) has no log, and its top-1 is the deployed engine's on the "
+                            "whole test split" if s.get("engine") else "") +
+           f". Timing images: {s['data']}, {s['num_batches']} batches rotated.", ""]
     out += _busy_note(doc) + [""]
     for bs in s["batch_sizes"]:
         out += [f"## Batch {bs}", "", f"![top-1 against latency, batch {bs}](b{bs}.png)", ""]
