@@ -11,7 +11,11 @@ Reads the training runs that ``benchmarks/fashion_mnist.py`` writes::
                                          every S steps (--thre_window), and their static matches
 
 each holding ``log.jsonl`` and ``last.pth`` (a ``manidp-train`` checkpoint), and any compiled engine
-files given with ``--engine`` (``builtin``: the built-in model), as ManiDP points.  Per batch size it
+files given with ``--engine`` (``builtin``: the built-in model), as ManiDP points.  ``--static-from``
+adds the static runs recorded in an earlier ``results.json`` whose checkpoints are gone: a static
+network's latency under a dense runtime depends on its widths alone, so each is cut to its recorded
+widths from this run's dense network of the same architecture and seed, timed here, and placed at its
+recorded top-1.  Per batch size it
 places every finished run at the time of the fastest way to deploy it on this CPU, fp32:
 
 * dense and static networks: the fastest of PyTorch eager, BN folded, folded channels-last,
@@ -57,7 +61,7 @@ from manidp.deploy.backends import available_backends
 from manidp.deploy.engine import DynamicResNet
 from manidp.preprocess import preprocess_spec
 from manidp.pretrained import DEFAULT_MODEL_PATH, default_model_info
-from manidp.static_pruning import StaticPrunedResNet
+from manidp.static_pruning import StaticPrunedResNet, static_pruned_like
 
 FORMAT = "manidp.accuracy_latency/1"
 CPU = torch.device("cpu")
@@ -88,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", action="append", default=[], metavar="PATH",
                    help="a compiled engine file (DynamicResNet.save) to place as a ManiDP point, 'builtin' for the "
                         "built-in model; may be repeated")
+    p.add_argument("--static-from", action="append", default=[], metavar="RESULTS_JSON",
+                   help="an earlier results.json of this script: its static runs not under --runs are timed at "
+                        "their recorded widths and placed at their recorded top-1; may be repeated")
     p.add_argument("--out", default="benchmarks/results/accuracy_latency", help="output directory")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 64])
     p.add_argument("--threads", type=int, default=2, help="CPU threads of torch, the engine, ONNX Runtime and OpenVINO")
@@ -132,9 +139,13 @@ class Run:
     setting: Optional[str]      # "t0.6", "t0.6_w50", "k0.5" or None (dense); an engine file's name
     path: str
     engine_file: bool = False   # path is a compiled engine (--engine), not a run directory
+    recorded: Optional[dict] = None  # a static run of an earlier results.json (--static-from): widths, top-1
+    recorded_in: Optional[str] = None
 
     @property
     def name(self) -> str:
+        if self.recorded is not None:
+            return self.recorded["run"]
         return self.setting if self.engine_file else f"{self.arch}_s{self.seed}/{os.path.basename(self.path)}"
 
     @property
@@ -202,8 +213,11 @@ def find_runs(runs_dir: str) -> Tuple[List[Run], List[dict]]:
         if "dense" not in names:
             notes.append({"run": f"{seed_name}/dense", "reason": "missing: no dense run in this directory"})
         runs += [_run_of(seed_dir, n, m) for n in names]
-    order = {DENSE_KIND: 0, STATIC_KIND: 1, GATED_KIND: 2}
-    return sorted(runs, key=lambda r: (order[r.kind], r.arch, r.seed, r.path)), notes
+    return sorted(runs, key=_run_order), notes
+
+
+def _run_order(r: Run) -> tuple:
+    return {DENSE_KIND: 0, STATIC_KIND: 1, GATED_KIND: 2}[r.kind], r.arch, r.seed, r.name
 
 
 def engine_run(spec: str) -> Run:
@@ -225,6 +239,46 @@ def engine_run(spec: str) -> Run:
     except Exception as e:  # any unreadable file is a usage error, named
         raise BenchError(f"--engine {spec!r}: not a compiled engine file: {type(e).__name__}: {e}") from None
     return Run(config["arch"].removeprefix("dy"), seed, "manidp", name, path, engine_file=True)
+
+
+def recorded_static_runs(path: str, found: List[Run]) -> List[Run]:
+    """The static runs recorded in the results.json ``path`` whose names are not among ``found``.
+
+    Raises :class:`BenchError` when ``path`` is not a results.json of this script.
+    """
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--static-from {path!r}: expected a results.json of this script: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise BenchError(f"--static-from {path!r}: expected a results.json of this script (format {FORMAT})")
+    names = {r.name for r in found}
+    runs = []
+    for rec in doc.get("runs") or []:
+        if rec.get("kind") != STATIC_KIND or rec.get("run") in names:
+            continue
+        if not rec.get("widths") or rec.get("top1") is None:
+            raise BenchError(f"--static-from {path!r}: static run {rec.get('run')!r} records no widths or top-1")
+        runs.append(Run(rec["arch"], int(rec["seed"]), "static", rec["setting"], rec["path"], recorded=rec,
+                        recorded_in=rec.get("recorded_in") or path))
+        names.add(rec["run"])
+    return runs
+
+
+def load_recorded_run(run: Run, dense: Dict[Tuple[str, int], LoadedRun]) -> Tuple[Optional[LoadedRun], Optional[str]]:
+    """A recorded static run cut to its widths from the dense run of its architecture and seed."""
+    base = dense.get((run.arch, run.seed))
+    if base is None:
+        return None, f"recorded in {run.recorded_in}: no finished dense {run.arch} seed {run.seed} run to cut it from"
+    try:
+        model = static_pruned_like(base.model, widths=run.recorded["widths"]).eval()
+    except ValueError as e:
+        return None, f"recorded in {run.recorded_in}: widths {run.recorded['widths']} do not fit: {e}"
+    rec = run.recorded
+    mac = rec.get("mac_fraction")
+    log = {"top1": rec["top1"], "epoch": rec.get("epoch"), "flops_reduction": None if mac is None else 1.0 - mac}
+    return LoadedRun(run, log, model, base.checkpoint), None
 
 
 def load_engine_run(run: Run) -> LoadedRun:
@@ -266,8 +320,10 @@ def rebuild(run: Run, ckpt: dict) -> nn.Module:
     return model.eval()
 
 
-def load_run(run: Run) -> Tuple[Optional[LoadedRun], Optional[str]]:
-    """(the loaded run, None) or (None, why it is skipped)."""
+def load_run(run: Run, dense: Dict[Tuple[str, int], LoadedRun]) -> Tuple[Optional[LoadedRun], Optional[str]]:
+    """(the loaded run, None) or (None, why it is skipped); ``dense``: the dense runs loaded so far."""
+    if run.recorded is not None:
+        return load_recorded_run(run, dense)
     if run.engine_file:
         return load_engine_run(run), None
     log = last_log_line(os.path.join(run.path, "log.jsonl"))
@@ -331,6 +387,7 @@ def _point(lr: LoadedRun, bs: int, results: Dict[str, dict], winner: Optional[st
     run = lr.run
     return {"batch_size": bs, "run": run.name, "arch": run.arch, "seed": run.seed, "method": run.method,
             "setting": run.setting, "label": run.label, "kind": run.kind, "top1": float(lr.log["top1"]),
+            "recorded_in": run.recorded_in,
             "engine_top1": lr.engine_eval.get("engine_top1"), "mac_fraction": lr.mac_fraction,
             **_winner_fields(results, winner), "timings": results}
 
@@ -498,7 +555,8 @@ def _table(points: List[dict], bs: int) -> List[str]:
                     key=lambda p: (p["arch"], order[p["kind"]], p["method"], p["setting"] or "", p["seed"])):
         dense = p["best_dense"]
         load = p["load_average"][0] if p["load_average"] else None
-        rows.append(f"| {p['arch']} | {p['label']} | {p['seed']} | {p['top1']:.2f} | "
+        mark = " (recorded)" if p.get("recorded_in") else ""
+        rows.append(f"| {p['arch']} | {p['label']}{mark} | {p['seed']} | {p['top1']:.2f} | "
                     f"{_cell(p['engine_top1'], '.2f')} | {_cell(p['mac_fraction'], '.3f')} | "
                     f"{_cell(p['latency_ms'], '.3f')} | {p['runtime'] or '-'} | "
                     f"{_cell(dense['median_ms'], '.3f')} ({dense['runtime'] or '-'}) | "
@@ -534,6 +592,12 @@ def readme(doc: dict) -> str:
            f"test split" + ("; an engine file (--engine) has no log, and its top-1 is the deployed engine's on the "
                             "whole test split" if s.get("engine") else "") +
            f". Timing images: {s['data']}, {s['num_batches']} batches rotated.", ""]
+    recorded = sorted({p["recorded_in"] for p in doc["points"] if p.get("recorded_in")})
+    if recorded:
+        out += [f"Rows marked *(recorded)* are static runs of {', '.join(recorded)} whose checkpoints are not here "
+                "(--static-from): their top-1 and MAC fraction are the recorded ones, and the network timed is "
+                "cut to their recorded widths from this run's dense network of the same seed (a dense runtime's "
+                "time depends on the widths, not on the weights).", ""]
     out += _busy_note(doc) + [""]
     for bs in s["batch_sizes"]:
         out += [f"## Batch {bs}", "", f"![top-1 against latency, batch {bs}](b{bs}.png)", ""]
@@ -555,6 +619,7 @@ def _run_record(lr: LoadedRun) -> dict:
     r = lr.run
     return {"run": r.name, "path": r.path, "arch": r.arch, "seed": r.seed, "method": r.method, "setting": r.setting,
             "kind": r.kind, "top1": float(lr.log["top1"]), "mac_fraction": lr.mac_fraction,
+            "recorded_in": r.recorded_in,
             "epoch": lr.log.get("epoch"), "widths": list(lr.model.widths) if r.kind == STATIC_KIND else None,
             **{k: lr.engine_eval.get(k) for k in ("engine_top1", "engine_images", "engine_backend",
                                                   "engine_mac_fraction")}}
@@ -574,8 +639,9 @@ def write_outputs(doc: dict, out_dir: str) -> None:
 def measure_runs(runs: List[Run], bench: Bench) -> Tuple[List[dict], List[dict], List[dict]]:
     """(run records, points, skipped notes) of every run, in order."""
     records, points, skipped = [], [], []
+    dense: Dict[Tuple[str, int], LoadedRun] = {}
     for i, run in enumerate(runs, 1):
-        lr, reason = load_run(run)
+        lr, reason = load_run(run, dense)
         if lr is None:
             print(f"[{i}/{len(runs)}] {run.name}: skipped, {reason}", flush=True)
             skipped.append({"run": run.name, "reason": reason})
@@ -588,6 +654,8 @@ def measure_runs(runs: List[Run], bench: Bench) -> Tuple[List[dict], List[dict],
             skipped.append({"run": run.name, "reason": reason})
             continue
         _progress(i, len(runs), lr, new)
+        if run.kind == DENSE_KIND:
+            dense.setdefault((run.arch, run.seed), lr)
         records.append(_run_record(lr))
         points += new
     return records, points, skipped
@@ -600,6 +668,9 @@ def run(args, argv: List[str]) -> dict:
     bench = Bench(args, resolve_backends(args.backends))
     try:
         runs, notes = find_runs(args.runs)
+        for path in args.static_from:
+            runs += recorded_static_runs(path, runs)
+        runs = sorted(runs, key=_run_order)  # dense runs first: recorded static runs are cut from them
         runs += [engine_run(spec) for spec in args.engine]
         for n in notes:
             print(f"{n['run']}: {n['reason']}", flush=True)
@@ -607,7 +678,7 @@ def run(args, argv: List[str]) -> dict:
         records, points, skipped = measure_runs(runs, bench)
     finally:
         bench.close()
-    settings = {k: getattr(args, k) for k in ("runs", "engine", "batch_sizes", "threads", "data", "warmup", "iters",
+    settings = {k: getattr(args, k) for k in ("runs", "engine", "static_from", "batch_sizes", "threads", "data", "warmup", "iters",
                                               "min_iters", "time_budget", "num_batches", "eval_batch_size")}
     settings.update(backends=bench.backends, timing_data=list(bench.data_info.values()))
     return {"format": FORMAT, "environment": env, "load_average_end": load_average(), "settings": settings,

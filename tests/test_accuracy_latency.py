@@ -222,6 +222,42 @@ def test_plots_and_tables_are_written(result):
     assert "**ahead**" in text or "**behind**" in text
 
 
+def test_recorded_static_runs_are_timed_at_their_widths(result, runs_dir, tmp_path):
+    """--static-from: static runs of an earlier results.json whose checkpoints are gone are cut to their
+    recorded widths from this run's dense network, timed, and placed at their recorded top-1."""
+    _, _, earlier = result
+    [rec] = [r for r in earlier["runs"] if r["kind"] == "static"]
+    narrower = dict(rec, run="resnet20_s1/static_k0.3", setting="k0.3", top1=12.5,
+                    widths=[max(1, w * 3 // 5) for w in rec["widths"]])
+    earlier_file = tmp_path / "earlier.json"
+    earlier_file.write_text(json.dumps(dict(earlier, runs=earlier["runs"] + [narrower])))
+    only_dense = tmp_path / "runs" / "resnet20_s1"
+    shutil.copytree(os.path.join(runs_dir, "resnet20_s1", "dense"), only_dense / "dense")
+    out = tmp_path / "out"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--batch-sizes", "1", "--threads", "1",
+            "--data", DATASET, "--warmup", "0", "--iters", "1", "--min-iters", "1", "--time-budget", "0",
+            "--num-batches", "1", "--static-from", str(earlier_file)]
+    assert _tool().main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    recorded = {r["run"]: r for r in doc["runs"] if r["recorded_in"]}
+    assert sorted(recorded) == sorted([rec["run"], "resnet20_s1/static_k0.3"])
+    for r in (rec, narrower):
+        assert recorded[r["run"]]["widths"] == r["widths"] and recorded[r["run"]]["top1"] == r["top1"]
+        assert recorded[r["run"]]["mac_fraction"] == pytest.approx(r["mac_fraction"])
+        [p] = [p for p in doc["points"] if p["run"] == r["run"]]
+        assert p["latency_ms"] > 0 and is_dense_runtime(p["runtime"]) and p["recorded_in"] == str(earlier_file)
+        assert p["best_dense"]["run"] == "resnet20_s1/dense"
+    assert "(recorded)" in (out / "README.md").read_text()
+
+
+def test_static_from_a_file_that_is_not_a_results_file_is_a_usage_error(runs_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something else", "runs": []}))
+    tool = _tool()
+    for path in (bad, tmp_path / "missing.json"):
+        assert tool.main(["--runs", runs_dir, "--out", str(tmp_path / "out"), "--static-from", str(path)]) == 2
+
+
 def test_missing_runs_directory_is_a_usage_error(tmp_path):
     assert _tool().main(["--runs", str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 2
 
