@@ -24,6 +24,7 @@ struct Isa {
   MANIDP_GCONV_TARGET static inline V zero() { return _mm256_setzero_ps(); }
   MANIDP_GCONV_TARGET static inline V set1(float x) { return _mm256_set1_ps(x); }
   MANIDP_GCONV_TARGET static inline V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  MANIDP_GCONV_TARGET static inline V load(const float* p) { return _mm256_load_ps(p); }
   // Masked-off lanes are not read (no fault past the end of a buffer) and come back as zero.
   MANIDP_GCONV_TARGET static inline V maskz_loadu(M m, const float* p) { return _mm256_maskload_ps(p, m); }
   MANIDP_GCONV_TARGET static inline void mask_storeu(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }

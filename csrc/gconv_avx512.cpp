@@ -1,5 +1,6 @@
 // gconv for CPUs with AVX-512F: a register block of 6 output rows x 64 pixels (24 of the 32
-// zmm registers accumulate; lane masks live in k registers).
+// zmm registers accumulate; lane masks live in k registers).  The 3x3 blocks of 5-6 rows x 48-64
+// pixels run as inline assembly (gconv_avx512_asm.inc; docs/DESIGN.md 7.6).
 #include <immintrin.h>
 
 #include "manidp_cpu.h"
@@ -23,6 +24,7 @@ struct Isa {
   MANIDP_GCONV_TARGET static inline V zero() { return _mm512_setzero_ps(); }
   MANIDP_GCONV_TARGET static inline V set1(float x) { return _mm512_set1_ps(x); }
   MANIDP_GCONV_TARGET static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  MANIDP_GCONV_TARGET static inline V load(const float* p) { return _mm512_load_ps(p); }
   MANIDP_GCONV_TARGET static inline V maskz_loadu(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   MANIDP_GCONV_TARGET static inline void mask_storeu(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
   MANIDP_GCONV_TARGET static inline V maskz_mov(M m, V v) { return _mm512_maskz_mov_ps(m, v); }
@@ -38,6 +40,14 @@ struct Isa {
 }  // namespace manidp
 
 #include "gconv_kernel.h"
+
+namespace manidp {
+namespace detail {
+namespace {
+#include "gconv_avx512_asm.inc"
+}  // namespace
+}  // namespace detail
+}  // namespace manidp
 
 namespace manidp {
 namespace detail {

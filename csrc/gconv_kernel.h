@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -56,11 +57,60 @@ TileMap tile_map(const GConvArgs& a, int64_t q0, int64_t qend) {
   return t;
 }
 
+// A register block in inline assembly (gconv_avx512_asm.inc, for the AVX-512 kernel): the
+// arguments of its loop over input channels.  It writes the MR x NV accumulators, row-major, to
+// `acc` (64-byte aligned).
+struct AsmBlockArgs {
+  const float* in;           // the tile's first pixel in the first input channel's plane
+  int64_t nch;               // input channels
+  int64_t cstride_bytes;     // from one channel's plane to the next
+  const int32_t* cols;       // each input channel's column in the weight rows, or null: j
+  const int64_t* toff_bytes; // the 9 taps' offsets
+  const uint16_t* masks;     // lane masks: left edge of vectors 0..3, then right edge of 0..3
+  float* acc;
+  const float* w[kMR];       // the block's weight rows
+};
+template <int MR, int NV>
+struct AsmBlock {
+  static constexpr bool kHas = false;
+  static void run(const AsmBlockArgs&) {}
+};
+
+// MANIDP_GCONV_ASM=0 turns the assembly blocks off (for A/B timing and tests of both paths).
+bool asm_blocks_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MANIDP_GCONV_ASM");
+    return !(env && env[0] == '0' && env[1] == '\0');
+  }();
+  return enabled;
+}
+
+template <int MR, int NV>
+MANIDP_GCONV_TARGET inline void micro_asm(const GConvArgs& a, const float* const* wrow, int64_t q0, const TileMap& tm,
+                                          V (&acc)[kMR][kNV]) {
+  alignas(64) float out[MR * NV * kW];
+  uint16_t masks[8] = {};
+  for (int v = 0; v < NV; ++v) {
+    masks[v] = static_cast<uint16_t>(tm.left[v]);
+    masks[4 + v] = static_cast<uint16_t>(tm.right[v]);
+  }
+  int64_t toff[9];
+  for (int t = 0; t < 9; ++t) toff[t] = a.geom.toff[t] * static_cast<int64_t>(sizeof(float));
+  AsmBlockArgs p{a.in + q0, a.nch, a.geom.cstride * static_cast<int64_t>(sizeof(float)), a.cols, toff, masks, out, {}};
+  for (int r = 0; r < MR; ++r) p.w[r] = wrow[r];
+  AsmBlock<MR, NV>::run(p);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Isa::add(acc[r][v], Isa::load(out + (r * NV + v) * kW));
+}
+
 // acc[r][v] += sum over input channels and taps of w[r][col(j) * TAPS + t] * B(j, t, q0 + kW v).
 // TAPS 9: the 3x3 conv; TAPS 1: only the centre tap, a 1x1 conv with the same stride.
 template <int MR, int NV, int TAPS>
 MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wrow, int64_t q0, const TileMap& tm,
                                       V (&acc)[kMR][kNV]) {
+  if constexpr (TAPS == 9 && AsmBlock<MR, NV>::kHas) {
+    if (asm_blocks_enabled()) return micro_asm<MR, NV>(a, wrow, q0, tm, acc);
+  }
   const int64_t* toff = a.geom.toff;
   const float* bj = a.in + q0;
   M ml[NV], mr[NV];
@@ -166,28 +216,6 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
     block_nv<MR, 9>(a, m0, q0, tm, pooled);
 }
 
-// Rows [r0, r1) of the tile at q0 in register blocks of at most kMR rows, as equal as possible
-// (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2: no block is left with a few rows that still pay the
-// whole tile's loads).
-void run_rows(const GConvArgs& a, int64_t q0, const TileMap& tm, int64_t r0, int64_t r1, float* pooled) {
-  const int64_t len = r1 - r0, nb = (len + kMR - 1) / kMR;
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t m0 = r0 + len * b / nb, m1 = r0 + len * (b + 1) / nb;
-    block_any(a, m0, static_cast<int>(m1 - m0), q0, tm, pooled);
-  }
-}
-
-// Units [u0, u1) of the (tile, row) grid over the pixels below qend, tile-major (unit u is row
-// u % m of tile u / m): consecutive units share a tile, whose input stays in L1/L2 while the
-// row blocks sweep it.  Pooled sums (if any) are added to `pooled`.
-void run_units(const GConvArgs& a, int64_t qend, int64_t u0, int64_t u1, float* pooled) {
-  for (int64_t u = u0; u < u1;) {
-    const int64_t tile = u / a.m, r0 = u % a.m, r1 = std::min<int64_t>(a.m, r0 + (u1 - u));
-    run_rows(a, tile * kTile, tile_map(a, tile * kTile, qend), r0, r1, pooled);
-    u += r1 - r0;
-  }
-}
-
 constexpr int kTailPixels = 4;  // at most this many pixels past the register-block tiles (split_of)
 
 // Pixels [q0, q0 + np) of output row m, np <= kTailPixels, as dot products along K with their
@@ -236,26 +264,65 @@ MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* co
   }
 }
 
-// Output pixels [q0, qend) of rows [m0, m1) as dot products along K, for the few pixels of a map
-// just past a multiple of 16 (7 x 7 = 3 * 16 + 1): in the register blocks they would fill a
-// vector of mostly idle lanes that costs as much as a whole vector, here they cost 1/kW of one.
-void tail_pixels(const GConvArgs& a, int64_t q0, int64_t qend, int64_t m0, int64_t m1, float* pooled) {
+// The few pixels [q0, qend) of a map just past a multiple of 16 (7 x 7 = 3 * 16 + 1), computed
+// as dot products along K: in the register blocks they would fill a vector of mostly idle lanes
+// that costs as much as a whole vector, here they cost 1/kW of one.  Their input patches are
+// gathered once per conv part; each row's dot products run right after the register block that
+// computed the row's other pixels, while its weights are still in cache (late layers read each
+// weight from memory once per conv: a separate pass over the rows would read them twice).
+struct TailPixels {
+  int64_t q0 = 0;
+  int np = 0;                    // 1..kTailPixels
+  std::vector<float> col, wbuf;  // the pixels' patches (np x K); one row's gathered weights (conv2)
+};
+
+void gather_tail(const GConvArgs& a, int64_t q0, int64_t qend, TailPixels& tp) {
   const PlaneGeometry& g = a.geom;
   const int64_t k = a.nch * a.taps;
-  std::vector<float> col(kTailPixels * k), wbuf(a.cols ? k : 0);
-  for (int64_t p0 = q0; p0 < qend; p0 += kTailPixels) {
-    const int np = static_cast<int>(std::min<int64_t>(kTailPixels, qend - p0));
-    // the pixels' input patches, zero where the tap is padding
-    for (int p = 0; p < np; ++p) {
-      const int64_t q = p0 + p, ox = q % g.wo;
-      for (int i = 0; i < a.taps; ++i) {
-        const int t = a.taps == 1 ? 4 : i, kx = t % 3;
-        const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
-        for (int64_t j = 0; j < a.nch; ++j)
-          col[p * k + j * a.taps + i] = pad ? 0.f : a.in[j * g.cstride + g.toff[t] + q];
-      }
+  tp.q0 = q0;
+  tp.np = static_cast<int>(qend - q0);
+  tp.col.assign(tp.np * k, 0.f);
+  tp.wbuf.resize(a.cols ? k : 0);
+  for (int p = 0; p < tp.np; ++p) {
+    const int64_t q = q0 + p, ox = q % g.wo;
+    for (int i = 0; i < a.taps; ++i) {
+      const int t = a.taps == 1 ? 4 : i, kx = t % 3;
+      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
+      if (pad) continue;  // zero: the tap reads the padding
+      for (int64_t j = 0; j < a.nch; ++j) tp.col[p * k + j * a.taps + i] = a.in[j * g.cstride + g.toff[t] + q];
     }
-    for (int64_t m = m0; m < m1; ++m) tail_row(a, m, col.data(), np, p0, wbuf.data(), pooled);
+  }
+}
+
+void tail_rows(const GConvArgs& a, TailPixels& tp, int64_t m0, int64_t m1, float* pooled) {
+  for (int64_t m = m0; m < m1; ++m) tail_row(a, m, tp.col.data(), tp.np, tp.q0, tp.wbuf.data(), pooled);
+}
+
+// Rows [r0, r1) of the tile at q0 in register blocks of at most kMR rows, as equal as possible
+// (32 rows: 6 6 5 5 5 5, not 6 6 6 6 6 2: no block is left with a few rows that still pay the
+// whole tile's loads).  `tail`, when not null, holds the map's tail pixels, computed for each
+// block's rows after it.
+void run_rows(const GConvArgs& a, int64_t q0, const TileMap& tm, int64_t r0, int64_t r1, TailPixels* tail,
+              float* pooled) {
+  const int64_t len = r1 - r0, nb = (len + kMR - 1) / kMR;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t m0 = r0 + len * b / nb, m1 = r0 + len * (b + 1) / nb;
+    block_any(a, m0, static_cast<int>(m1 - m0), q0, tm, pooled);
+    if (tail) tail_rows(a, *tail, m0, m1, pooled);
+  }
+}
+
+// Units [u0, u1) of the (tile, row) grid over the pixels below qend, tile-major (unit u is row
+// u % m of tile u / m): consecutive units share a tile, whose input stays in L1/L2 while the
+// row blocks sweep it.  The rows of the last tile also get the tail pixels (if `tail`), so every
+// row's tail is computed once, by the part that computes that row of the last tile.  Pooled sums
+// (if any) are added to `pooled`.
+void run_units(const GConvArgs& a, int64_t qend, int64_t u0, int64_t u1, TailPixels* tail, float* pooled) {
+  const int64_t last_tile = (qend - 1) / kTile;
+  for (int64_t u = u0; u < u1;) {
+    const int64_t tile = u / a.m, r0 = u % a.m, r1 = std::min<int64_t>(a.m, r0 + (u1 - u));
+    run_rows(a, tile * kTile, tile_map(a, tile * kTile, qend), r0, r1, tile == last_tile ? tail : nullptr, pooled);
+    u += r1 - r0;
   }
 }
 
@@ -267,22 +334,25 @@ struct Split {
 Split split_of(const GConvArgs& a) {
   Split s;
   s.qend = a.geom.ho * a.geom.wo;
-  // 1 to 4 pixels past a multiple of 16 go to tail_pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
+  // 1 to kTailPixels pixels past a multiple of 16 are tail pixels (7x7: 49 = 48 + 1, 14x14: 196 = 192 + 4).
   const int64_t rest = s.qend % 16;
-  s.qmain = (s.qend > 16 && rest <= 4) ? s.qend - rest : s.qend;
+  s.qmain = (s.qend > 16 && rest <= kTailPixels) ? s.qend - rest : s.qend;
   s.units = (s.qmain + kTile - 1) / kTile * a.m;
   return s;
 }
 
-// Part `part` of `nparts` of the conv: an equal run of the (tile, row) grid, tile-major, and an
-// equal share of the tail rows; balanced to one row of one tile whatever the shape (late layers:
-// one tile, many rows; early layers: many tiles, few rows).  Pooled sums (not yet divided by the
-// pixel count) are added to `pooled` (m floats) when it is not null.
+// Part `part` of `nparts` of the conv: an equal run of the (tile, row) grid, tile-major, with the
+// tail pixels of its rows of the last tile; balanced to one row of one tile whatever the shape
+// (late layers: one tile, many rows; early layers: many tiles, few rows).  Pooled sums (not yet
+// divided by the pixel count) are added to `pooled` (m floats) when it is not null.
 void run_gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
   if (a.m <= 0) return;
   const Split s = split_of(a);
-  run_units(a, s.qmain, s.units * part / nparts, s.units * (part + 1) / nparts, pooled);
-  if (s.qmain < s.qend) tail_pixels(a, s.qmain, s.qend, a.m * part / nparts, a.m * (part + 1) / nparts, pooled);
+  const int64_t u0 = s.units * part / nparts, u1 = s.units * (part + 1) / nparts;
+  TailPixels tail;
+  const bool has_tail = s.qmain < s.qend && u1 > std::max(u0, s.units - a.m);  // it has rows of the last tile
+  if (has_tail) gather_tail(a, s.qmain, s.qend, tail);
+  run_units(a, s.qmain, u0, u1, has_tail ? &tail : nullptr, pooled);
 }
 
 // The whole conv, split across the intra-op threads, then the pooled means.

@@ -339,3 +339,47 @@ def test_gconv_isa_reported_and_bad_value_rejected():
     assert torch.ops.manidp.gconv_isa() in {"avx512", "avx2", "none"}
     r = _run_with_isa("sse", "import torch, manidp.deploy.ops; torch.ops.manidp.gconv_isa()")
     assert r.returncode != 0 and "MANIDP_GCONV_ISA must be auto, avx512, avx2 or off" in r.stderr
+
+
+# Logits of the cpu engine on networks whose maps use every assembly register block (6 and 5
+# rows; 4 vectors on 32x32-derived maps, 3 on 7x7 plus a tail pixel; conv2's gathered columns;
+# stride 2), written to the file named by argv[1].
+_ASM_BLOCKS_LOGITS = textwrap.dedent("""
+    import sys
+    import torch
+    sys.path.insert(0, TESTS_DIR)
+    from conftest import calibrated
+    from manidp.deploy import compile
+    torch.set_num_threads(1)
+    out = []
+    for arch, size, seed in (("dyresnet20", (32, 32), 0), ("dyresnet18", (28, 28), 1), ("dyresnet18", (45, 39), 2)):
+        model, x = calibrated(arch, size, 0.5, n=2, seed=seed)
+        with torch.no_grad():
+            engine = compile(model, backend="cpu")
+            out += [engine(x), engine(x[:1])]
+    torch.save(out, sys.argv[1])
+    print(torch.ops.manidp.gconv_isa())
+""").replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_assembly_register_blocks_equal_the_intrinsics_blocks(tmp_path):
+    """MANIDP_GCONV_ASM=0 (intrinsics) and the default (assembly blocks) give the same bits."""
+    runs = {}
+    for flag in ("0", "1"):
+        path = str(tmp_path / f"asm{flag}.pt")
+        env = dict(os.environ, MANIDP_GCONV_ASM=flag)
+        r = subprocess.run([sys.executable, "-c", _ASM_BLOCKS_LOGITS, path], env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if r.stdout.split()[-1] != "avx512":
+            pytest.skip("the assembly register blocks are AVX-512 only; this CPU runs " + r.stdout.split()[-1])
+        runs[flag] = torch.load(path)
+    for a, b in zip(runs["0"], runs["1"]):
+        assert torch.equal(a, b)
+
+
+def test_generated_assembly_is_up_to_date():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                          "gen_gconv_avx512_asm.py")
+    r = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
