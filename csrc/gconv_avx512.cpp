@@ -1,5 +1,5 @@
 // gconv for CPUs with AVX-512F: a register block of 6 output rows x 64 pixels (24 of the 32
-// zmm registers accumulate; lane masks live in k registers).  The 3x3 blocks of 4-6 rows x 48-64
+// zmm registers accumulate; lane masks live in k registers).  The 3x3 blocks of 3-6 rows x 48-64
 // pixels run as inline assembly (gconv_avx512_asm.inc; docs/DESIGN.md 7.6).
 #include <immintrin.h>
 

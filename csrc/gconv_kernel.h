@@ -41,25 +41,32 @@ struct TileMap {
   uint32_t right[kNV] = {};
 };
 
+// Bits l0, l0 + step, l0 + 2 step, ... below kW.
+uint32_t every_step(int64_t l0, int64_t step) {
+  uint32_t bits = 0;
+  for (int64_t l = l0; l < kW; l += step) bits |= 1u << l;
+  return bits;
+}
+
 TileMap tile_map(const GConvArgs& a, int64_t q0, int64_t qend) {
-  const PlaneGeometry& g = a.geom;
+  const int64_t wo = a.geom.wo;
+  constexpr uint32_t all = (1u << kW) - 1u;
   TileMap t;
   t.nv = static_cast<int>(std::min<int64_t>(kNV, (qend - q0 + kW - 1) / kW));
-  int64_t ox = q0 % g.wo;
+  int64_t ox = q0 % wo;  // column of the vector's first lane; one division per tile
   for (int v = 0; v < t.nv; ++v) {
-    for (int l = 0; l < kW; ++l, ox = (ox + 1 == g.wo) ? 0 : ox + 1) {
-      const uint32_t bit = 1u << l;
-      if (q0 + kW * v + l < qend) t.valid[v] |= bit;
-      if (ox != 0) t.left[v] |= bit;
-      if (g.stride != 1 || ox != g.wo - 1) t.right[v] |= bit;
-    }
+    const int64_t n = std::min<int64_t>(kW, qend - q0 - kW * v);
+    t.valid[v] = n == kW ? all : (1u << n) - 1u;
+    t.left[v] = all & ~every_step(ox == 0 ? 0 : wo - ox, wo);           // lanes in column 0
+    t.right[v] = a.geom.stride != 1 ? all : all & ~every_step(wo - 1 - ox, wo);  // in column wo - 1
+    ox = wo >= kW ? (ox + kW >= wo ? ox + kW - wo : ox + kW) : (ox + kW) % wo;
   }
   return t;
 }
 
 // A register block in inline assembly (gconv_avx512_asm.inc, for the AVX-512 kernel): the
 // arguments of its loop over input channels.  It writes the MR x NV accumulators, row-major, to
-// `acc` (64-byte aligned).
+// `acc` (64-byte aligned): the sums, starting from zero.
 struct AsmBlockArgs {
   const float* in;           // the tile's first pixel in the first input channel's plane
   int64_t nch;               // input channels
@@ -100,10 +107,11 @@ MANIDP_GCONV_TARGET inline void micro_asm(const GConvArgs& a, const float* const
   for (int r = 0; r < MR; ++r) p.w[r] = wrow[r];
   AsmBlock<MR, NV>::run(p);
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = Isa::add(acc[r][v], Isa::load(out + (r * NV + v) * kW));
+    for (int v = 0; v < NV; ++v) acc[r][v] = Isa::load(out + (r * NV + v) * kW);
 }
 
-// acc[r][v] += sum over input channels and taps of w[r][col(j) * TAPS + t] * B(j, t, q0 + kW v).
+// acc[r][v] = sum over input channels and taps of w[r][col(j) * TAPS + t] * B(j, t, q0 + kW v),
+// acc zero on entry.
 // TAPS 9: the 3x3 conv; TAPS 1: only the centre tap, a 1x1 conv with the same stride.
 template <int MR, int NV, int TAPS>
 MANIDP_GCONV_TARGET inline void micro(const GConvArgs& a, const float* const* wrow, int64_t q0, const TileMap& tm,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-BLOCKS = [(6, 4), (5, 4), (4, 4), (6, 3), (5, 3), (4, 3)]  # (rows, vectors of 16 pixels): large maps, few active rows
+BLOCKS = [(6, 4), (5, 4), (4, 4), (3, 4), (6, 3), (5, 3), (4, 3), (3, 3)]  # (rows, vectors of 16 pixels): large maps, few active rows
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gconv_avx512_asm.inc")
 
 

@@ -77,7 +77,7 @@ class CpuBackend(Backend):
             return None
         if getattr(self, "_network", None) is None:
             self._network = _whole_network(engine)
-        return self._network.forward(x.to(torch.float32))
+        return self._network.forward(x if x.dtype == torch.float32 else x.to(torch.float32))
 
     def prepare_stem_input(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "_stem_channels_last", False):

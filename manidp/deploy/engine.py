@@ -409,23 +409,26 @@ class DynamicResNet(nn.Module):
     # ---------------------------------------------------------------- running
     def check_input(self, x) -> None:
         """Raise TypeError/ValueError naming what was expected if ``x`` is not a valid batch."""
-        cin = self.config["in_channels"]
-        want = f"a float tensor of shape (N, {cin}, H, W) with dtype {self.compute_dtype} on {self.device}"
+        cin, device = self.config["in_channels"], self.device
+
+        def want() -> str:  # formatted only on error: it costs more than the checks (batch-1 calls)
+            return f"a float tensor of shape (N, {cin}, H, W) with dtype {self.compute_dtype} on {device}"
+
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected {want}; got {type(x).__name__}")
+            raise TypeError(f"expected {want()}; got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"expected {want}; got dtype {x.dtype} (integer images: use engine.preprocess)")
+            raise TypeError(f"expected {want()}; got dtype {x.dtype} (integer images: use engine.preprocess)")
         if x.dim() != 4 or x.shape[1] != cin:
-            raise ValueError(f"expected {want}; got shape {tuple(x.shape)}")
+            raise ValueError(f"expected {want()}; got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
-            raise ValueError(f"expected {want} with N >= 1; got an empty batch")
-        if x.device != self.device:
-            raise ValueError(f"expected {want}; got a tensor on {x.device}")
+            raise ValueError(f"expected {want()} with N >= 1; got an empty batch")
+        if x.device != device:
+            raise ValueError(f"expected {want()}; got a tensor on {x.device}")
         if x.dtype != self.compute_dtype:
-            raise TypeError(f"expected {want}; got dtype {x.dtype}")
+            raise TypeError(f"expected {want()}; got dtype {x.dtype}")
         min_size = 1 if self.config["kind"] == "cifar" else 2
         if min(x.shape[2:]) < min_size:
-            raise ValueError(f"expected {want} with H, W >= {min_size}; got shape {tuple(x.shape)}")
+            raise ValueError(f"expected {want()} with H, W >= {min_size}; got shape {tuple(x.shape)}")
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config["stem"]
