@@ -74,9 +74,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_timing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per measurement (default 2 CPU, 5 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per measurement (default 10 CPU, 5 GPU)")
     p.add_argument("--iters", type=int, default=None, help="maximum timed iterations per measurement "
-                   "(default 50 CPU, 200 GPU)")
+                   "(default 1000 CPU, 200 GPU: on the CPU --time-budget ends a sub-millisecond "
+                   "measurement, not a count that would stop it after a few dozen milliseconds)")
     p.add_argument("--min-iters", type=int, default=3, help="timed iterations done even past --time-budget")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds per (method, batch size) after which timing stops (0: exactly --iters; "
@@ -230,7 +231,7 @@ def resolve_settings(args) -> Settings:
     def pick(value, on_gpu, on_cpu):
         return value if value is not None else (on_gpu if gpu else on_cpu)
     return Settings(device, dtype, backends, avail, pick(args.batch_sizes, [1, 8, 64, 256], [1, 8, 64]),
-                    pick(args.warmup, 5, 2), pick(args.iters, 200, 50), pick(args.time_budget, 1.0, 1.5),
+                    pick(args.warmup, 5, 10), pick(args.iters, 200, 1000), pick(args.time_budget, 1.0, 1.5),
                     pick(args.max_time, 600.0, 120.0), compile_on, _compile_skip(args, compile_on),
                     args.tf32 == "on", pick(args.rounds, 1, 2), pick(args.isolation, "in-process", "process"))
 
