@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -25,6 +26,31 @@ MANIDP_MULTIVERSION void matvec(const float* w, const float* x, int64_t rows, in
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < cols; ++i) s += wr[i] * x[i];
     y[r] = s;
+  }
+}
+
+MANIDP_MULTIVERSION void matvec_t(const float* wt, const float* x, int64_t rows, int64_t cols, float* y) {
+  constexpr int64_t kChunk = 64;  // outputs accumulated at once: four AVX-512 registers
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    const int64_t n = std::min(kChunk, rows - r0);
+    float acc[kChunk] = {};
+    int64_t i = 0;
+    // Four columns per pass: the accumulators (which the compiler may keep in memory) are read
+    // and written once per four FMAs, not once per FMA.
+    for (; i + 4 <= cols; i += 4) {
+      const float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+      const float* w0 = wt + i * rows + r0;
+      const float *w1 = w0 + rows, *w2 = w1 + rows, *w3 = w2 + rows;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) acc[r] += (w0[r] * x0 + w1[r] * x1) + (w2[r] * x2 + w3[r] * x3);
+    }
+    for (; i < cols; ++i) {
+      const float xi = x[i];
+      const float* w = wt + i * rows + r0;
+#pragma omp simd
+      for (int64_t r = 0; r < n; ++r) acc[r] += w[r] * xi;
+    }
+    std::copy(acc, acc + n, y + r0);
   }
 }
 
@@ -90,9 +116,15 @@ GateParams gate_params(const char* op, const char* name, const at::Tensor& fc1, 
 static inline float relu(float v) { return v < 0.f ? 0.f : v; }
 
 int32_t gate_one(const GateParams& p, const float* pooled, float* g, int32_t* idx, float* hidden_buf) {
-  matvec(p.fc1, pooled, p.hidden, p.cin, hidden_buf);
+  if (p.fc1t)
+    matvec_t(p.fc1t, pooled, p.hidden, p.cin, hidden_buf);
+  else
+    matvec(p.fc1, pooled, p.hidden, p.cin, hidden_buf);
   for (int64_t j = 0; j < p.hidden; ++j) hidden_buf[j] = relu(hidden_buf[j]);
-  matvec(p.fc2, hidden_buf, p.c, p.hidden, g);
+  if (p.fc2t)
+    matvec_t(p.fc2t, hidden_buf, p.c, p.hidden, g);
+  else
+    matvec(p.fc2, hidden_buf, p.c, p.hidden, g);
   int32_t cnt = 0;
   for (int64_t c = 0; c < p.c; ++c) {
     float v = relu(g[c] + p.bias[c]);

@@ -52,6 +52,10 @@ struct GateParams {
   float threshold;
   float clamp_max;
   int64_t cin, hidden, c;
+  // Optional transposed copies, (cin, hidden) and (hidden, c): with them the layers run as sums
+  // of weight columns (matvec_t), without a horizontal reduction per output.
+  const float* fc1t = nullptr;
+  const float* fc2t = nullptr;
 };
 
 // Checks a gate's tensors against the expected input/output widths and returns a raw view.
@@ -116,6 +120,8 @@ void gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled)
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);
 void matvec(const float* w, const float* x, int64_t rows, int64_t cols, float* y);
+// y = W x from W's transpose wt (cols, rows), row-major.
+void matvec_t(const float* wt, const float* x, int64_t rows, int64_t cols, float* y);
 float sum(const float* a, int64_t n);
 void scale_copy(float* dst, const float* src, float s, int64_t n);
 

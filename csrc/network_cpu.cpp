@@ -50,6 +50,7 @@ struct BlockWeights {
   int64_t cin = 0, c = 0, stride = 1;
   at::Tensor w1, b1, w2, b2, ws, bs;  // ws/bs undefined: identity shortcut
   at::Tensor gate_tensors[6];          // fc1, fc2, bias of gate 1, then of gate 2
+  at::Tensor gate_transposed[4];       // fc1 and fc2 of gate 1, then of gate 2, transposed
   at::Tensor threshold1, threshold2;   // read on every call: thresholds may be changed in place
   detail::GateParams gate1, gate2;
   bool has_shortcut() const { return ws.defined(); }
@@ -190,7 +191,8 @@ struct GateState {
   AlignedFloats pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
   AlignedFloats conv2_sums;  // conv2's pooled sums of this rank's share, by row (position in idx2)
   std::vector<int32_t> idx1, idx2, pos;
-  int32_t k1 = 0, k2 = 0;
+  std::vector<int32_t> rest;  // the channels conv2 does not write (finish_channels), ascending
+  int32_t k1 = 0, k2 = 0, n_rest = 0;
 };
 
 // Scratch memory of one instance run (shared by a team), reused across calls: fresh multi-MB
@@ -362,6 +364,13 @@ class CpuNetwork : public torch::CustomClassHolder {
                                   B.threshold1, clamp_max, cin, B.c);
     B.gate2 = detail::gate_params(op, "gate2", B.gate_tensors[3], B.gate_tensors[4], B.gate_tensors[5],
                                   B.threshold2, clamp_max, B.c, B.c);
+    // Every rank computes both gates on the forward's critical path (batch 1).
+    const int fc[4] = {0, 1, 3, 4};
+    for (int i = 0; i < 4; ++i) B.gate_transposed[i] = B.gate_tensors[fc[i]].t().contiguous();
+    B.gate1.fc1t = B.gate_transposed[0].data_ptr<float>();
+    B.gate1.fc2t = B.gate_transposed[1].data_ptr<float>();
+    B.gate2.fc1t = B.gate_transposed[2].data_ptr<float>();
+    B.gate2.fc2t = B.gate_transposed[3].data_ptr<float>();
     return B;
   }
 
@@ -427,7 +436,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2, &G.conv2_sums})
         grow(*v, widest);
       grow(G.hidden, hidden);
-      for (auto* v : {&G.idx1, &G.idx2, &G.pos}) grow(*v, widest);
+      for (auto* v : {&G.idx1, &G.idx2, &G.pos, &G.rest}) grow(*v, widest);
     }
   }
 
@@ -548,7 +557,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       detail::gconv_part(conv2_args(B, s, G, W, out, res), T.rank, T.size, G.conv2_sums.data());
       for (int32_t k = 0; k < G.k2; ++k) sums[G.idx2[k]] = G.conv2_sums[k];
     }
-    finish_channels(B, s, G, out, res, T.begin(B.c), T.end(B.c), sums);
+    finish_channels(s, G, out, res, T.begin(G.n_rest), T.end(G.n_rest), sums);
     // Barrier 2: the next block (or the head) reads out and the sums of every rank.
     T.barrier();
   }
@@ -586,6 +595,9 @@ class CpuNetwork : public torch::CustomClassHolder {
       G.s2[k] = G.g2[ch];
       G.bias2[k] = b2[ch];
     }
+    G.n_rest = 0;
+    for (int32_t ch = 0; ch < B.c; ++ch)
+      if (G.pos[ch] < 0 || G.k1 == 0) G.rest[G.n_rest++] = ch;
   }
 
   // The stem: relu(W0 x + b0) from the input planes into the first block's input planes.
@@ -665,15 +677,15 @@ class CpuNetwork : public torch::CustomClassHolder {
     return c;
   }
 
-  // Channels [c0, c1) that conv2 did not write: relu(res) where gate 2 is closed, and
-  // relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0); their sums
-  // go to sums[ch].
-  void finish_channels(const BlockWeights& B, const BlockShape& s, const GateState& G, float* out, const float* res,
-                       int64_t c0, int64_t c1, float* sums) const {
+  // Entries [i0, i1) of G.rest, the channels conv2 did not write: relu(res) where gate 2 is
+  // closed, and relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0);
+  // their sums go to sums[ch].  The ranks split this list, not the channel range, so that each
+  // gets as many of these channels as the other whichever channels the gate closed.
+  void finish_channels(const BlockShape& s, const GateState& G, float* out, const float* res, int64_t i0, int64_t i1,
+                       float* sums) const {
     const int64_t hw = s.hw(), cs = s.out_act.cstride, off = data_offset(s.out_act);
-    for (int64_t ch = c0; ch < c1; ++ch) {
-      const int32_t k = G.pos[ch];
-      if (k >= 0 && G.k1 > 0) continue;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int32_t ch = G.rest[i], k = G.pos[ch];
       const float add = k >= 0 ? G.s2[k] * G.bias2[k] : 0.f;
       float* o = out + ch * cs + off;
       const float* r = res + ch * cs + off;
