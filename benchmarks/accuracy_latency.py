@@ -103,8 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=None,
                    help="comma-separated gated engine backends to time (default: every one available on the CPU "
                         "but the Triton interpreter)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations per measurement")
-    p.add_argument("--iters", type=int, default=50, help="maximum timed iterations per measurement")
+    # As manidp-bench on the CPU: the time budget, not a count of a few dozen calls, ends a
+    # sub-millisecond measurement.
+    p.add_argument("--warmup", type=int, default=10, help="warm-up iterations per measurement")
+    p.add_argument("--iters", type=int, default=1000, help="maximum timed iterations per measurement")
     p.add_argument("--min-iters", type=int, default=3, help="timed iterations done even past --time-budget")
     p.add_argument("--time-budget", type=float, default=1.5, help="seconds per measurement (0: exactly --iters)")
     p.add_argument("--num-batches", type=int, default=4, help="distinct input batches rotated during timing")
