@@ -61,6 +61,30 @@ MANIDP_MULTIVERSION float sum(const float* a, int64_t n) {
   return s;
 }
 
+MANIDP_MULTIVERSION void max_taps(const float* y, int64_t wy, int64_t c, int64_t iy0, int64_t iy1, int64_t ix0,
+                                  int64_t ix1, float* out) {
+  const float* first = y + (iy0 * wy + ix0) * c;
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = first[ch];
+  for (int64_t iy = iy0; iy < iy1; ++iy)
+    for (int64_t ix = ix0; ix < ix1; ++ix) {
+      const float* v = y + (iy * wy + ix) * c;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) out[ch] = (out[ch] >= v[ch] || out[ch] != out[ch]) ? out[ch] : v[ch];
+    }
+}
+
+MANIDP_MULTIVERSION float relu_copy(float* dst, const float* src, int64_t src_stride, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = src[i * src_stride] < 0.f ? 0.f : src[i * src_stride];  // NaN passes through, as torch.relu
+    dst[i] = v;
+    s += v;
+  }
+  return s;
+}
+
 MANIDP_MULTIVERSION void scale_copy(float* dst, const float* src, float s, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = s * src[i];

@@ -142,6 +142,19 @@ void pack_planes(const PlaneGeometry& g, const float* x, int64_t x_cstride, int6
   });
 }
 
+void pool_relu_pack(const float* y, int64_t hy, int64_t wy, int64_t c, const PlaneGeometry& g, int64_t r0, int64_t r1,
+                    float* planes, float* sums, float* row) {
+  for (int64_t oy = r0; oy < r1; ++oy) {
+    const int64_t iy0 = std::max<int64_t>(0, 2 * oy - 1), iy1 = std::min<int64_t>(hy, 2 * oy + 2);
+    for (int64_t ox = 0; ox < g.w; ++ox) {  // the pooled row, channels-last: row[ox * c + ch]
+      const int64_t ix0 = std::max<int64_t>(0, 2 * ox - 1), ix1 = std::min<int64_t>(wy, 2 * ox + 2);
+      max_taps(y, wy, c, iy0, iy1, ix0, ix1, row + ox * c);
+    }
+    for (int64_t ch = 0; ch < c; ++ch)
+      sums[ch] += relu_copy(planes + ch * g.cstride + g.toff[4] + oy * g.w, row + ch, c, g.w);
+  }
+}
+
 void gconv(const GConvArgs& a) {
   switch (isa()) {
     case GConvIsa::kAvx512: return gconv_avx512(a);

@@ -226,6 +226,45 @@ void block_any(const GConvArgs& a, int64_t m0, int mr, int64_t q0, const TileMap
 
 constexpr int kTailPixels = 4;  // at most this many pixels past the register-block tiles (split_of)
 
+// Dot products of one weight row `w` (k floats) with NP patches `col` (NP x k floats) into
+// `sums`.  Each pixel's sum is split over U accumulator chains: with one or two pixels a single
+// chain per pixel would wait on the FMA latency at every step (a 7x7 map's one tail pixel).
+template <int NP>
+MANIDP_GCONV_TARGET void tail_dot(const float* w, const float* col, int64_t k, float* sums) {
+  constexpr int U = NP <= 2 ? 4 : 2;
+  V acc[NP][U];
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[p][u] = Isa::zero();
+  int64_t i = 0;
+  for (; i + U * kW <= k; i += U * kW) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const V wv = Isa::loadu(w + i + u * kW);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[p][u] = Isa::fmadd(wv, Isa::loadu(col + p * k + i + u * kW), acc[p][u]);
+    }
+  }
+  for (; i + kW <= k; i += kW) {
+    const V wv = Isa::loadu(w + i);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[p][0] = Isa::fmadd(wv, Isa::loadu(col + p * k + i), acc[p][0]);
+  }
+  if (i < k) {
+    const M rest = Isa::mask((1u << (k - i)) - 1u);
+    const V wv = Isa::maskz_loadu(rest, w + i);
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[p][0] = Isa::fmadd(wv, Isa::maskz_loadu(rest, col + p * k + i), acc[p][0]);
+  }
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) acc[p][0] = Isa::add(acc[p][0], acc[p][u]);
+    sums[p] = Isa::reduce_add(acc[p][0]);
+  }
+}
+
 // Pixels [q0, q0 + np) of output row m, np <= kTailPixels, as dot products along K with their
 // patches `col` (np x k floats).  The row's weights come contiguous along K (conv2's active
 // columns gathered into `wbuf`, k floats), so every load is a whole vector and each weight
@@ -244,26 +283,16 @@ MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* co
     }
     w = wbuf;
   }
-  V acc[kTailPixels];
-#pragma GCC unroll 4
-  for (int p = 0; p < kTailPixels; ++p) acc[p] = Isa::zero();
-  int64_t i = 0;
-  for (; i + kW <= k; i += kW) {
-    const V wv = Isa::loadu(w + i);
-#pragma GCC unroll 4
-    for (int p = 0; p < kTailPixels; ++p)
-      if (p < np) acc[p] = Isa::fmadd(wv, Isa::loadu(col + p * k + i), acc[p]);
-  }
-  if (i < k) {
-    const M rest = Isa::mask((1u << (k - i)) - 1u);
-    const V wv = Isa::maskz_loadu(rest, w + i);
-#pragma GCC unroll 4
-    for (int p = 0; p < kTailPixels; ++p)
-      if (p < np) acc[p] = Isa::fmadd(wv, Isa::maskz_loadu(rest, col + p * k + i), acc[p]);
+  float sums[kTailPixels];
+  switch (np) {
+    case 1: tail_dot<1>(w, col, k, sums); break;
+    case 2: tail_dot<2>(w, col, k, sums); break;
+    case 3: tail_dot<3>(w, col, k, sums); break;
+    default: tail_dot<4>(w, col, k, sums); break;
   }
   const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
   for (int p = 0; p < np; ++p) {
-    float y = (a.scale ? a.scale[m] : 1.f) * (Isa::reduce_add(acc[p]) + a.bias[m]);
+    float y = (a.scale ? a.scale[m] : 1.f) * (sums[p] + a.bias[m]);
     float* dst = a.out + chan + a.out_offset + q0 + p;
     if (a.residual) y += a.residual[dst - a.out];
     if (a.relu) y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
@@ -349,14 +378,27 @@ Split split_of(const GConvArgs& a) {
   return s;
 }
 
-// Part `part` of `nparts` of the conv: an equal run of the (tile, row) grid, tile-major, with the
-// tail pixels of its rows of the last tile; balanced to one row of one tile whatever the shape
-// (late layers: one tile, many rows; early layers: many tiles, few rows).  Pooled sums (not yet
-// divided by the pixel count) are added to `pooled` (m floats) when it is not null.
+// The first unit of part `part` of `nparts`, so that the parts cost the same, not only hold the
+// same number of units: a row of the last tile costs its vectors (28x28: 784 = 12 x 64 + 16, one
+// vector of four) plus its tail pixels, counted as a quarter vector each.
+int64_t part_start(const GConvArgs& a, const Split& s, int64_t part, int64_t nparts) {
+  const int64_t tiles = s.units / a.m, full_units = (tiles - 1) * a.m;
+  const int64_t last_vectors = (s.qmain - (tiles - 1) * kTile + kW - 1) / kW;
+  const int64_t c_full = 4 * kNV, c_last = 4 * last_vectors + (s.qend - s.qmain);  // quarter vectors per unit
+  const int64_t target = (full_units * c_full + a.m * c_last) * part / nparts;
+  if (target <= full_units * c_full) return target / c_full;
+  return std::min(s.units, full_units + (target - full_units * c_full) / c_last);
+}
+
+// Part `part` of `nparts` of the conv: a run of the (tile, row) grid, tile-major, of equal cost
+// (part_start), with the tail pixels of its rows of the last tile; balanced to about one row of
+// one tile whatever the shape (late layers: one tile, many rows; early layers: many tiles, few
+// rows).  Pooled sums (not yet divided by the pixel count) are added to `pooled` (m floats) when
+// it is not null.
 void run_gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
   if (a.m <= 0) return;
   const Split s = split_of(a);
-  const int64_t u0 = s.units * part / nparts, u1 = s.units * (part + 1) / nparts;
+  const int64_t u0 = part_start(a, s, part, nparts), u1 = part_start(a, s, part + 1, nparts);
   TailPixels tail;
   const bool has_tail = s.qmain < s.qend && u1 > std::max(u0, s.units - a.m);  // it has rows of the last tile
   if (has_tail) gather_tail(a, s.qmain, s.qend, tail);

@@ -78,6 +78,12 @@ struct PlaneGeometry {
   int64_t toff[9] = {};
 };
 PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1 or 2
+// relu(max_pool2d(y, 3, stride 2, padding 1)) for output rows [r0, r1) of every channel: y is
+// one image's (hy, wy, c) channels-last map, g the stride-1 planes of the pooled map (g.h, g.w),
+// written pixels only (the caller zeroes their borders).  Adds each channel's sum over these
+// rows to sums[ch].  `row` is scratch of c * g.w floats.  NaN propagates as in torch.
+void pool_relu_pack(const float* y, int64_t hy, int64_t wy, int64_t c, const PlaneGeometry& g, int64_t r0, int64_t r1,
+                    float* planes, float* sums, float* row);
 // Fills buf (nch * cstride floats) from x (nch, h, w).
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf);
 // The same from maps whose channel j starts at x + j * x_cstride (each h * w floats, row-major).
@@ -123,6 +129,10 @@ void matvec(const float* w, const float* x, int64_t rows, int64_t cols, float* y
 // y = W x from W's transpose wt (cols, rows), row-major.
 void matvec_t(const float* wt, const float* x, int64_t rows, int64_t cols, float* y);
 float sum(const float* a, int64_t n);
+// out[ch] = max of y[(iy * wy + ix) * c + ch] over iy in [iy0, iy1), ix in [ix0, ix1) (NaN wins).
+void max_taps(const float* y, int64_t wy, int64_t c, int64_t iy0, int64_t iy1, int64_t ix0, int64_t ix1, float* out);
+// dst[i] = relu(src[i * src_stride]), i < n (NaN passes through); returns the sum of dst.
+float relu_copy(float* dst, const float* src, int64_t src_stride, int64_t n);
 void scale_copy(float* dst, const float* src, float s, int64_t n);
 
 // TORCH_CHECK helper: `t` is a float32 CPU tensor with exactly `shape` (-1 = any).

@@ -193,6 +193,7 @@ struct GateState {
   std::vector<int32_t> idx1, idx2, pos;
   std::vector<int32_t> rest;  // the channels conv2 does not write (finish_channels), ascending
   int32_t k1 = 0, k2 = 0, n_rest = 0;
+  std::vector<float> pool_row;  // the ImageNet stem's max-pool: one output row of every channel
 };
 
 // Scratch memory of one instance run (shared by a team), reused across calls: fresh multi-MB
@@ -275,17 +276,21 @@ class CpuNetwork : public torch::CustomClassHolder {
     const at::NoGradGuard no_grad;  // inference only: weights are held detached
     detail::check_tensor("CpuNetwork.forward", "x", x, {-1, stem_w_.size(1), -1, -1}, "(N, Cin, H, W)");
     TORCH_CHECK(x.size(0) >= 1, "manidp.CpuNetwork.forward: x must hold at least one image; got shape ", x.sizes());
-    const at::Tensor h0 = gconv_stem_ ? x.contiguous() : stem(x);  // gconv_stem_: the stem runs per instance
+    // gconv_stem_: the stem runs per instance; with a max-pool, the team pools the library conv's
+    // output (h0, channels-last) straight into the first block's planes.
+    const at::Tensor h0 = gconv_stem_ ? x.contiguous() : stem(x);
     const int64_t n = h0.size(0);
-    const std::vector<BlockShape> shapes = block_shapes(h0.size(2), h0.size(3));
+    const StemMap sm{h0.size(2), h0.size(3)};
+    const std::vector<BlockShape> shapes =
+        stem_maxpool_ ? block_shapes(pooled_size(sm.h), pooled_size(sm.w)) : block_shapes(sm.h, sm.w);
     const std::vector<detail::GateParams> gates = current_gates();
     at::Tensor logits = at::empty({n, fc_w_.size(0)}, x.options());
     at::Tensor counts = at::empty({n, 2 * static_cast<int64_t>(blocks_.size())}, x.options().dtype(at::kInt));
     const int64_t threads = at::get_num_threads();
     const int64_t in_size = h0.size(1) * h0.size(2) * h0.size(3);
     auto run = [&](int64_t i, Workspace& W, const Team& T) {
-      run_instance(h0.data_ptr<float>() + i * in_size, shapes, gates, W, T, logits.data_ptr<float>() + i * fc_w_.size(0),
-                   counts.data_ptr<int32_t>() + i * counts.size(1));
+      run_instance(h0.data_ptr<float>() + i * in_size, sm, shapes, gates, W, T,
+                   logits.data_ptr<float>() + i * fc_w_.size(0), counts.data_ptr<int32_t>() + i * counts.size(1));
     };
     if (n == 1 && threads > 1) {
       Lease lease(*this, shapes, threads);
@@ -380,15 +385,21 @@ class CpuNetwork : public torch::CustomClassHolder {
     std::iota(rows_.begin(), rows_.end(), 0);
   }
 
-  // The dense stem on the whole batch (library conv; channels-last where it has a max-pool,
-  // the large ImageNet stem, which runs much faster in that layout), then ReLU.
+  // The dense stem's conv on the whole batch (library conv).  With a max-pool (the large
+  // ImageNet stem, which runs much faster channels-last) its output stays channels-last: the team
+  // max-pools it, applies ReLU and packs it in one pass (pool_relu_pack).  Otherwise ReLU here.
   at::Tensor stem(const at::Tensor& x) const {
     at::Tensor in = stem_maxpool_ ? x.contiguous(at::MemoryFormat::ChannelsLast) : x.contiguous();
     at::Tensor y = at::conv2d(in, stem_w_, stem_b_, {stem_stride_, stem_stride_}, {stem_padding_, stem_padding_});
-    // max-pool before ReLU equals ReLU before max-pool (ReLU is monotonic) on a 4x smaller map
-    if (stem_maxpool_) y = at::max_pool2d(y, {3, 3}, {2, 2}, {1, 1});
+    if (stem_maxpool_) return y.contiguous(at::MemoryFormat::ChannelsLast);
     return at::relu_(y).contiguous();
   }
+
+  // The stem's output map before the max-pool (h, w), and the max-pool's output size.
+  struct StemMap {
+    int64_t h = 0, w = 0;
+  };
+  static int64_t pooled_size(int64_t n) { return (n - 1) / 2 + 1; }  // kernel 3, stride 2, padding 1
 
   std::vector<BlockShape> block_shapes(int64_t h, int64_t w) const {
     std::vector<BlockShape> shapes;
@@ -436,6 +447,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2, &G.conv2_sums})
         grow(*v, widest);
       grow(G.hidden, hidden);
+      if (stem_maxpool_) grow(G.pool_row, stem_w_.size(0) * shapes.front().in_act.w);
       for (auto* v : {&G.idx1, &G.idx2, &G.pos, &G.rest}) grow(*v, widest);
     }
   }
@@ -452,11 +464,13 @@ class CpuNetwork : public torch::CustomClassHolder {
     return gates;
   }
 
-  // One instance: the stem output in planes (x is the instance's input with gconv_stem_, else
-  // its stem output (C0, H0, W0)), every block, the classifier.  Each rank leaves the sums of its
-  // share of the stem output in its part of W.out_sums, for the first gate 1.
-  void run_instance(const float* x, const std::vector<BlockShape>& shapes, const std::vector<detail::GateParams>& gates,
-                    Workspace& W, const Team& T, float* logits, int32_t* counts) const {
+  // One instance: the stem output in planes (x is the instance's input with gconv_stem_, its
+  // stem conv output (sm.h, sm.w, C0) channels-last with a max-pool, else its stem output
+  // (C0, H0, W0)), every block, the classifier.  Each rank leaves the sums of its share of the
+  // stem output in its part of W.out_sums, for the first gate 1.
+  void run_instance(const float* x, const StemMap& sm, const std::vector<BlockShape>& shapes,
+                    const std::vector<detail::GateParams>& gates, Workspace& W, const Team& T, float* logits,
+                    int32_t* counts) const {
     const PlaneGeometry& g0 = shapes.front().in_act;
     const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
     float* sums = W.out_part(T.rank);
@@ -471,6 +485,10 @@ class CpuNetwork : public torch::CustomClassHolder {
       // Every rank's share of the stem reads every input channel, packed by all ranks.
       T.barrier();
       detail::gconv_part(stem_args(g0, W), T.rank, T.size, sums);  // rows are channels: sums by channel
+    } else if (stem_maxpool_) {
+      W.zeroed[T.rank].ensure(W.act(1), g0, T.begin(c0), T.end(c0));
+      detail::pool_relu_pack(x, sm.h, sm.w, c0, g0, T.begin(g0.h), T.end(g0.h), W.act(1), sums,
+                             W.ranks[T.rank].pool_row.data());
     } else {
       const int64_t j0 = T.begin(c0), j1 = T.end(c0);
       detail::pack_planes(g0, x + j0 * hw0, hw0, j1 - j0, W.act(1) + j0 * g0.cstride);

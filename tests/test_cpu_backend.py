@@ -161,6 +161,38 @@ def test_cifar_maps_of_partial_tiles(size):
     for engine in engs.values():
         check(engine, x, want)
 
+# Tail pixels of every count and a last tile of one vector: (5, 10) gives a 50-pixel map (48 in
+# vectors, 2 as dot products), (9, 11) a 99-pixel one (3), (28, 28) maps of 784 pixels (12 tiles
+# and one of a single vector, which the batch-1 threads split by cost), 196 (4) and 49 (1).
+@pytest.mark.parametrize("size", [(5, 10), (9, 11), (28, 28)])
+def test_cifar_tail_pixels_and_uneven_tiles(size):
+    model, x = calibrated("dyresnet20", size, 0.5, n=2)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    want1 = expected(model, ref, x[:1])
+    for engine in engs.values():
+        check(engine, x, want)
+        check(engine, x[:1], want1)
+
+
+def test_imagenet_stem_max_pool_with_a_nan_pixel():
+    """The one-call network max-pools the stem itself; an image with a NaN pixel gives the
+    reference's logits and counts, and leaves the other image of the batch alone."""
+    model, x = calibrated("dyresnet18", (40, 36), 0.5, n=2)
+    x = x.clone()
+    x[0, :, 11, 7] = float("nan")
+    ref, engs = engines(model, ["auto", "instance"])
+    with torch.no_grad():
+        want, want_stats = ref(x, return_stats=True)
+        clean = model(x[1:])
+        for engine in engs.values():
+            for batch in (x, x[:1]):
+                got, stats = engine(batch, return_stats=True)
+                assert torch.allclose(got, want[: len(batch)], rtol=1e-4, atol=1e-5, equal_nan=True)
+                assert torch.equal(stats["active"], want_stats["active"][: len(batch)])
+            assert torch.allclose(engine(x)[1], clean[0], rtol=1e-4, atol=1e-5)
+
+
 def test_input_layouts():
     model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
     ref, engs = engines(model, ["auto", "instance"])
