@@ -51,9 +51,10 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 void gconv_avx2(const GConvArgs& a) { run_gconv(a); }
-void gconv_part_avx2(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
-  run_gconv_part(a, part, nparts, pooled);
+void gconv_team_avx2(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
+  run_gconv_team(a, next, team, pooled);
 }
+int64_t gconv_tiles_avx2(const GConvArgs& a) { return run_gconv_tiles(a); }
 }  // namespace detail
 }  // namespace manidp
 
@@ -63,7 +64,10 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return false; }
 void gconv_avx2(const GConvArgs&) { TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform"); }
-void gconv_part_avx2(const GConvArgs&, int64_t, int64_t, float*) {
+void gconv_team_avx2(const GConvArgs&, std::atomic<int64_t>&, int64_t, float*) {
+  TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform");
+}
+int64_t gconv_tiles_avx2(const GConvArgs&) {
   TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform");
 }
 }  // namespace detail

@@ -37,8 +37,10 @@ bool gconv_avx512_supported();
 bool gconv_avx2_supported();
 void gconv_avx512(const GConvArgs& a);
 void gconv_avx2(const GConvArgs& a);
-void gconv_part_avx512(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
-void gconv_part_avx2(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
+void gconv_team_avx512(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
+void gconv_team_avx2(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
+int64_t gconv_tiles_avx512(const GConvArgs& a);
+int64_t gconv_tiles_avx2(const GConvArgs& a);
 
 namespace {
 
@@ -151,7 +153,7 @@ void pool_relu_pack(const float* y, int64_t hy, int64_t wy, int64_t c, const Pla
       max_taps(y, wy, c, iy0, iy1, ix0, ix1, row + ox * c);
     }
     for (int64_t ch = 0; ch < c; ++ch)
-      sums[ch] += relu_copy(planes + ch * g.cstride + g.toff[4] + oy * g.w, row + ch, c, g.w);
+      sums[oy * c + ch] = relu_copy(planes + ch * g.cstride + g.toff[4] + oy * g.w, row + ch, c, g.w);
   }
 }
 
@@ -163,10 +165,18 @@ void gconv(const GConvArgs& a) {
   }
 }
 
-void gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
+void gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
   switch (isa()) {
-    case GConvIsa::kAvx512: return gconv_part_avx512(a, part, nparts, pooled);
-    case GConvIsa::kAvx2: return gconv_part_avx2(a, part, nparts, pooled);
+    case GConvIsa::kAvx512: return gconv_team_avx512(a, next, team, pooled);
+    case GConvIsa::kAvx2: return gconv_team_avx2(a, next, team, pooled);
+    default: TORCH_CHECK(false, "manidp: gconv needs a CPU with AVX-512F or AVX2 + FMA (and MANIDP_GCONV_ISA not off)");
+  }
+}
+
+int64_t gconv_tiles(const GConvArgs& a) {
+  switch (isa()) {
+    case GConvIsa::kAvx512: return gconv_tiles_avx512(a);
+    case GConvIsa::kAvx2: return gconv_tiles_avx2(a);
     default: TORCH_CHECK(false, "manidp: gconv needs a CPU with AVX-512F or AVX2 + FMA (and MANIDP_GCONV_ISA not off)");
   }
 }

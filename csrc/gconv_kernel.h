@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -352,13 +353,17 @@ void run_rows(const GConvArgs& a, int64_t q0, const TileMap& tm, int64_t r0, int
 // Units [u0, u1) of the (tile, row) grid over the pixels below qend, tile-major (unit u is row
 // u % m of tile u / m): consecutive units share a tile, whose input stays in L1/L2 while the
 // row blocks sweep it.  The rows of the last tile also get the tail pixels (if `tail`), so every
-// row's tail is computed once, by the part that computes that row of the last tile.  Pooled sums
-// (if any) are added to `pooled`.
+// row's tail is computed once, by whoever computes that row of the last tile.  Pooled sums (if
+// any) go to one slot per unit, pooled[tile * m + row], which this sets: each unit is computed
+// by exactly one caller, so the slots need no zeroing beforehand, and their sum over tiles in
+// tile order does not depend on how the units were shared out.
 void run_units(const GConvArgs& a, int64_t qend, int64_t u0, int64_t u1, TailPixels* tail, float* pooled) {
   const int64_t last_tile = (qend - 1) / kTile;
   for (int64_t u = u0; u < u1;) {
     const int64_t tile = u / a.m, r0 = u % a.m, r1 = std::min<int64_t>(a.m, r0 + (u1 - u));
-    run_rows(a, tile * kTile, tile_map(a, tile * kTile, qend), r0, r1, tile == last_tile ? tail : nullptr, pooled);
+    float* slots = pooled ? pooled + tile * a.m : nullptr;
+    if (slots) std::fill(slots + r0, slots + r1, 0.f);
+    run_rows(a, tile * kTile, tile_map(a, tile * kTile, qend), r0, r1, tile == last_tile ? tail : nullptr, slots);
     u += r1 - r0;
   }
 }
@@ -378,51 +383,76 @@ Split split_of(const GConvArgs& a) {
   return s;
 }
 
+int64_t run_gconv_tiles(const GConvArgs& a) { return a.m > 0 ? split_of(a).units / a.m : 0; }
+
 // The first unit of part `part` of `nparts`, so that the parts cost the same, not only hold the
 // same number of units: a row of the last tile costs its vectors (28x28: 784 = 12 x 64 + 16, one
-// vector of four) plus its tail pixels, counted as a quarter vector each.
+// vector of four) plus its tail pixels, counted as a quarter vector each.  Within a tile the
+// start is rounded to whole register blocks of rows.
 int64_t part_start(const GConvArgs& a, const Split& s, int64_t part, int64_t nparts) {
   const int64_t tiles = s.units / a.m, full_units = (tiles - 1) * a.m;
   const int64_t last_vectors = (s.qmain - (tiles - 1) * kTile + kW - 1) / kW;
   const int64_t c_full = 4 * kNV, c_last = 4 * last_vectors + (s.qend - s.qmain);  // quarter vectors per unit
   const int64_t target = (full_units * c_full + a.m * c_last) * part / nparts;
-  if (target <= full_units * c_full) return target / c_full;
-  return std::min(s.units, full_units + (target - full_units * c_full) / c_last);
+  const int64_t u = target <= full_units * c_full ? target / c_full
+                                                   : std::min(s.units, full_units + (target - full_units * c_full) / c_last);
+  if (a.m <= kMR || part == nparts) return u;
+  const int64_t row = u % a.m;
+  return u - row + std::min<int64_t>(a.m, (row + kMR / 2) / kMR * kMR);
 }
 
-// Part `part` of `nparts` of the conv: a run of the (tile, row) grid, tile-major, of equal cost
-// (part_start), with the tail pixels of its rows of the last tile; balanced to about one row of
-// one tile whatever the shape (late layers: one tile, many rows; early layers: many tiles, few
-// rows).  Pooled sums (not yet divided by the pixel count) are added to `pooled` (m floats) when
-// it is not null.
-void run_gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled) {
-  if (a.m <= 0) return;
-  const Split s = split_of(a);
-  const int64_t u0 = part_start(a, s, part, nparts), u1 = part_start(a, s, part + 1, nparts);
-  TailPixels tail;
+// Units [u0, u1) of the conv with the tail pixels of its rows of the last tile; `tail` holds
+// the tail pixels' patches once gathered (one gather per caller and conv).
+void run_share(const GConvArgs& a, const Split& s, int64_t u0, int64_t u1, TailPixels& tail, float* pooled) {
   const bool has_tail = s.qmain < s.qend && u1 > std::max(u0, s.units - a.m);  // it has rows of the last tile
-  if (has_tail) gather_tail(a, s.qmain, s.qend, tail);
+  if (has_tail && tail.np == 0) gather_tail(a, s.qmain, s.qend, tail);
   run_units(a, s.qmain, u0, u1, has_tail ? &tail : nullptr, pooled);
 }
 
-// The whole conv, split across the intra-op threads, then the pooled means.
+// Chunks a team of `team` threads shares a conv in: 8 per thread where every chunk still holds
+// a register block's rows of some tiles, else one per thread.  Handed out in order from `next`,
+// so a thread that runs faster (the other vCPU busy, a neighbour on the host) takes more of
+// them instead of waiting for the slower one at the next barrier.
+int64_t team_chunks(const Split& s, int64_t team) {
+  if (team <= 1) return 1;
+  return s.units >= 8 * team * kMR ? 8 * team : team;
+}
+
+// This thread's share of the conv run by `team` threads that each call this with the same
+// counter `next` (0 before the first call): it takes chunks until none is left.  Pooled sums go
+// to pooled[tile * m + row] (run_units), run_gconv_tiles(a) x m floats.
+void run_gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
+  if (a.m <= 0) return;
+  const Split s = split_of(a);
+  const int64_t chunks = team_chunks(s, team);
+  TailPixels tail;
+  for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+       c = next.fetch_add(1, std::memory_order_relaxed))
+    run_share(a, s, part_start(a, s, c, chunks), part_start(a, s, c + 1, chunks), tail, pooled);
+}
+
+// The whole conv, split across the intra-op threads, then the pooled means (summed over tiles
+// in tile order).
 void run_gconv(const GConvArgs& a) {
   if (a.m <= 0) return;
-  if (a.pooled) std::fill(a.pooled, a.pooled + a.m, 0.f);
+  const Split s = split_of(a);
+  std::vector<float> slots(a.pooled ? s.units : 0);
+  float* pooled = a.pooled ? slots.data() : nullptr;
   const int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (nthreads == 1 || split_of(a).units <= kMR) {
-    run_gconv_part(a, 0, 1, a.pooled);
+  if (nthreads == 1 || s.units <= kMR) {
+    TailPixels tail;
+    run_share(a, s, 0, s.units, tail, pooled);
   } else {
-    // A row's pooled sum may come from two threads, so each part has its own slots.
-    std::vector<float> partial(a.pooled ? nthreads * a.m : 0, 0.f);
     at::parallel_for(0, nthreads, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) run_gconv_part(a, p, nthreads, a.pooled ? partial.data() + p * a.m : nullptr);
+      TailPixels tail;
+      for (int64_t p = p0; p < p1; ++p)
+        run_share(a, s, part_start(a, s, p, nthreads), part_start(a, s, p + 1, nthreads), tail, pooled);
     });
-    if (a.pooled)
-      for (int64_t t = 0; t < nthreads; ++t)
-        for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += partial[t * a.m + m];
   }
   if (a.pooled) {
+    std::fill(a.pooled, a.pooled + a.m, 0.f);
+    for (int64_t t = 0; t < s.units / a.m; ++t)
+      for (int64_t m = 0; m < a.m; ++m) a.pooled[m] += slots[t * a.m + m];
     const float inv = 1.f / static_cast<float>(split_of(a).qend);
     for (int64_t m = 0; m < a.m; ++m) a.pooled[m] *= inv;
   }

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -80,8 +81,8 @@ struct PlaneGeometry {
 PlaneGeometry plane_geometry(int64_t h, int64_t w, int64_t stride);  // stride 1 or 2
 // relu(max_pool2d(y, 3, stride 2, padding 1)) for output rows [r0, r1) of every channel: y is
 // one image's (hy, wy, c) channels-last map, g the stride-1 planes of the pooled map (g.h, g.w),
-// written pixels only (the caller zeroes their borders).  Adds each channel's sum over these
-// rows to sums[ch].  `row` is scratch of c * g.w floats.  NaN propagates as in torch.
+// written pixels only (the caller zeroes their borders).  Channel ch's sum over output row oy
+// goes to sums[oy * c + ch].  `row` is scratch of c * g.w floats.  NaN propagates as in torch.
 void pool_relu_pack(const float* y, int64_t hy, int64_t wy, int64_t c, const PlaneGeometry& g, int64_t r0, int64_t r1,
                     float* planes, float* sums, float* row);
 // Fills buf (nch * cstride floats) from x (nch, h, w).
@@ -118,10 +119,14 @@ struct GConvArgs {
 bool gconv_available();
 std::string gconv_isa_name();
 void gconv(const GConvArgs& a);
-// Part `part` of `nparts` of gconv(a), for callers that split one conv over their own threads:
-// together the parts write every output once.  Pooled sums are added to `pooled` (m floats, or
-// null) and not divided by the pixel count; a.pooled is ignored.
-void gconv_part(const GConvArgs& a, int64_t part, int64_t nparts, float* pooled);
+// gconv(a) run by a team of `team` threads of the caller's own, each of which calls this with
+// the same counter `next` (0 before the first call) and takes chunks of the conv from it until
+// none is left: together they write every output once, and a faster thread takes more chunks.
+// Pooled sums, not divided by the pixel count, go to pooled[tile * m + row] (gconv_tiles(a) x m
+// floats, or null), whose sum over tiles in tile order is the same however the chunks were
+// shared out; a.pooled is ignored.
+void gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
+int64_t gconv_tiles(const GConvArgs& a);
 
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);

@@ -189,11 +189,16 @@ using AlignedFloats = std::vector<float, Aligned64<float>>;
 // must, as they split the convs by them.
 struct GateState {
   AlignedFloats pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
-  AlignedFloats conv2_sums;  // conv2's pooled sums of this rank's share, by row (position in idx2)
   std::vector<int32_t> idx1, idx2, pos;
   std::vector<int32_t> rest;  // the channels conv2 does not write (finish_channels), ascending
   int32_t k1 = 0, k2 = 0, n_rest = 0;
   std::vector<float> pool_row;  // the ImageNet stem's max-pool: one output row of every channel
+  // Where the sums of the map the next gate 1 reads are (Workspace): the library stem's row slots
+  // (kStemRows), the gconv stem's tile slots (kStemTiles), or a block's conv2 tile slots and the
+  // sums of the channels finish_channels wrote (kBlock, with this state's k1, k2 and pos).
+  enum class OutSums { kStemRows, kStemTiles, kBlock } out_sums = OutSums::kStemRows;
+  int64_t stem_rows = 0;           // rows of the library stem's slots
+  int64_t tiles1 = 0, tiles2 = 0;  // tiles of conv1's and of conv2's (or the gconv stem's) slots
 };
 
 // Scratch memory of one instance run (shared by a team), reused across calls: fresh multi-MB
@@ -205,13 +210,25 @@ struct Workspace {
   float* mid_planes() const { return arena[3]; }
   std::vector<GateState> ranks;  // one per team member
   std::vector<ZeroedBorders> zeroed;  // one per team member
-  // Per rank, `sums_stride` floats apart (whole cache lines, so that ranks do not share one):
-  // conv1's pooled sums of the rank's share by row (position in idx1), for gate 2; and the sums
-  // of the rank's share of the map the next gate 1 reads (the stem or block output), by channel.
-  int64_t sums_stride = 0;
-  std::vector<float> conv1_sums, out_sums;
-  float* conv1_part(int64_t rank) { return conv1_sums.data() + rank * sums_stride; }
-  float* out_part(int64_t rank) { return out_sums.data() + rank * sums_stride; }
+  // Pooled sums.  The convs' go to one slot per (pixel tile, row) (detail::gconv_team), shared
+  // by the ranks: conv1's for gate 2, conv2's (or the gconv stem's, by channel) for the next
+  // gate 1.  finish_channels writes its channels' sums to rest_sums, by channel.  The library
+  // stem's go to stem_sums, one slot per (output row, channel) after a max-pool (the ranks
+  // share its rows), else one per channel.  Every slot is written by one rank and the slots are
+  // added in a fixed order, so the sums do not depend on the team's size.
+  AlignedFloats conv1_tiles, conv2_tiles, rest_sums, stem_sums;
+  // One chunk counter per conv of the forward (the stem, then conv1, shortcut and conv2 of each
+  // block), from which the team's ranks take their chunks of it; zero before the forward.
+  std::unique_ptr<std::atomic<int64_t>[]> queues;
+  int64_t n_queues = 0;
+  std::atomic<int64_t>& queue(int64_t i) { return queues[i]; }
+  void reset_queues(int64_t n) {
+    if (n > n_queues) {
+      queues.reset(new std::atomic<int64_t>[n]);
+      n_queues = n;
+    }
+    for (int64_t i = 0; i < n; ++i) queues[i].store(0, std::memory_order_relaxed);
+  }
 };
 
 template <typename T, typename A>
@@ -219,13 +236,31 @@ void grow(std::vector<T, A>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
-// dst[ch] = mean over the map of channel ch, ch < c, from the per-rank sums in W.out_sums of a map
-// of hw pixels, added in rank order: every rank that calls this gets the same bits.
-void pooled_means(const Workspace& W, int64_t team, int64_t c, int64_t hw, float* dst) {
+// Sum over the tiles, in tile order, of row `row` of slots of `m` rows.
+float tile_sum(const float* slots, int64_t tiles, int64_t m, int64_t row) {
+  float acc = 0.f;
+  for (int64_t t = 0; t < tiles; ++t) acc += slots[t * m + row];
+  return acc;
+}
+
+// dst[ch] = mean over the map of channel ch, ch < c, of the map of hw pixels whose sums G says
+// where to find, each added in a fixed order: every rank that calls this gets the same bits, and
+// the same whichever rank computed which chunk.
+void pooled_means(const Workspace& W, const GateState& G, int64_t c, int64_t hw, float* dst) {
   const float n = static_cast<float>(hw);
   for (int64_t ch = 0; ch < c; ++ch) {
     float acc = 0.f;
-    for (int64_t r = 0; r < team; ++r) acc += W.out_sums[r * W.sums_stride + ch];
+    switch (G.out_sums) {
+      case GateState::OutSums::kStemRows:
+        acc = tile_sum(W.stem_sums.data(), G.stem_rows, c, ch);
+        break;
+      case GateState::OutSums::kStemTiles:
+        acc = tile_sum(W.conv2_tiles.data(), G.tiles2, c, ch);
+        break;
+      case GateState::OutSums::kBlock:
+        acc = G.k1 > 0 && G.pos[ch] >= 0 ? tile_sum(W.conv2_tiles.data(), G.tiles2, G.k2, G.pos[ch]) : W.rest_sums[ch];
+        break;
+    }
     dst[ch] = acc / n;
   }
 }
@@ -294,6 +329,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     };
     if (n == 1 && threads > 1) {
       Lease lease(*this, shapes, threads);
+      lease.get().reset_queues(queue_count());
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
       run(0, lease.get(), Team{omp_get_thread_num(), omp_get_num_threads()});
@@ -303,7 +339,10 @@ class CpuNetwork : public torch::CustomClassHolder {
     } else {
       at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
         Lease lease(*this, shapes, 1);
-        for (int64_t i = i0; i < i1; ++i) run(i, lease.get(), Team{});
+        for (int64_t i = i0; i < i1; ++i) {
+          lease.get().reset_queues(queue_count());
+          run(i, lease.get(), Team{});
+        }
       });
     }
     return {logits, counts};
@@ -395,6 +434,9 @@ class CpuNetwork : public torch::CustomClassHolder {
     return at::relu_(y).contiguous();
   }
 
+  // The chunk counters of one forward: the stem, then conv1, the shortcut and conv2 per block.
+  int64_t queue_count() const { return 1 + 3 * static_cast<int64_t>(blocks_.size()); }
+
   // The stem's output map before the max-pool (h, w), and the max-pool's output size.
   struct StemMap {
     int64_t h = 0, w = 0;
@@ -437,14 +479,19 @@ class CpuNetwork : public torch::CustomClassHolder {
       widest = std::max({widest, B.cin, B.c});
       hidden = std::max({hidden, B.gate1.hidden, B.gate2.hidden});
     }
-    W.sums_stride = (widest + 15) / 16 * 16;
-    grow(W.conv1_sums, team * W.sums_stride);
-    grow(W.out_sums, team * W.sums_stride);
+    grow(W.stem_sums, stem_maxpool_ ? shapes.front().in_act.h * stem_w_.size(0) : widest);
+    // Tile slots: a pixel tile holds at least one 8-float vector (detail::gconv_tiles).
+    auto slots = [](int64_t hw, int64_t rows) { return (hw + 7) / 8 * rows; };
+    int64_t tile_slots = gconv_stem_ ? slots(shapes.front().in_act.h * shapes.front().in_act.w, stem_w_.size(0)) : 0;
+    for (size_t b = 0; b < blocks_.size(); ++b) tile_slots = std::max(tile_slots, slots(shapes[b].hw(), blocks_[b].c));
+    grow(W.conv1_tiles, tile_slots);
+    grow(W.conv2_tiles, tile_slots);
+    grow(W.rest_sums, widest);
     grow(W.ranks, team);
     grow(W.zeroed, team);
     for (int64_t r = 0; r < team; ++r) {
       GateState& G = W.ranks[r];
-      for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2, &G.conv2_sums})
+      for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2})
         grow(*v, widest);
       grow(G.hidden, hidden);
       if (stem_maxpool_) grow(G.pool_row, stem_w_.size(0) * shapes.front().in_act.w);
@@ -466,15 +513,17 @@ class CpuNetwork : public torch::CustomClassHolder {
 
   // One instance: the stem output in planes (x is the instance's input with gconv_stem_, its
   // stem conv output (sm.h, sm.w, C0) channels-last with a max-pool, else its stem output
-  // (C0, H0, W0)), every block, the classifier.  Each rank leaves the sums of its share of the
-  // stem output in its part of W.out_sums, for the first gate 1.
+  // (C0, H0, W0)), every block, the classifier.  The stem output's sums, for the first gate 1,
+  // go to the gconv stem's tile slots, or to W.stem_sums.
   void run_instance(const float* x, const StemMap& sm, const std::vector<BlockShape>& shapes,
                     const std::vector<detail::GateParams>& gates, Workspace& W, const Team& T, float* logits,
                     int32_t* counts) const {
     const PlaneGeometry& g0 = shapes.front().in_act;
     const int64_t c0 = blocks_.front().cin, hw0 = g0.h * g0.w;
-    float* sums = W.out_part(T.rank);
-    std::fill(sums, sums + c0, 0.f);
+    GateState& G = W.ranks[T.rank];
+    float* sums = W.stem_sums.data();
+    G.out_sums = GateState::OutSums::kStemRows;
+    G.stem_rows = stem_maxpool_ ? g0.h : 1;
     W.zeroed[T.rank].clear();  // the arena may have moved since the last instance
     const float* in = W.act(1);
     if (gconv_stem_) {
@@ -484,7 +533,10 @@ class CpuNetwork : public torch::CustomClassHolder {
       W.zeroed[T.rank].ensure(W.act(1), g0, T.begin(c0), T.end(c0));
       // Every rank's share of the stem reads every input channel, packed by all ranks.
       T.barrier();
-      detail::gconv_part(stem_args(g0, W), T.rank, T.size, sums);  // rows are channels: sums by channel
+      const GConvArgs stem = stem_args(g0, W);
+      detail::gconv_team(stem, W.queue(0), T.size, W.conv2_tiles.data());  // rows are channels
+      G.out_sums = GateState::OutSums::kStemTiles;
+      G.tiles2 = detail::gconv_tiles(stem);
     } else if (stem_maxpool_) {
       W.zeroed[T.rank].ensure(W.act(1), g0, T.begin(c0), T.end(c0));
       detail::pool_relu_pack(x, sm.h, sm.w, c0, g0, T.begin(g0.h), T.end(g0.h), W.act(1), sums,
@@ -498,26 +550,28 @@ class CpuNetwork : public torch::CustomClassHolder {
     T.barrier();
     for (size_t b = 0; b < blocks_.size(); ++b) {
       float* out = W.act(b % 2);
-      run_block(blocks_[b], gates[2 * b], gates[2 * b + 1], shapes[b], in, out, W, T, counts + 2 * b);
+      run_block(blocks_[b], gates[2 * b], gates[2 * b + 1], shapes[b], in, out, W, T, counts + 2 * b, 1 + 3 * b);
       in = out;
     }
     // The last block's barrier made every rank's sums complete; the end of the team's parallel
     // region is the barrier after the head.
-    if (T.leader()) head(shapes.back().out_act, W, T.size, logits);
+    if (T.leader()) head(shapes.back().out_act, W, logits);
   }
 
-  // The classifier on the mean-pooled output of the last block (from the ranks' sums).
-  void head(const PlaneGeometry& g, Workspace& W, int64_t team, float* logits) const {
+  // The classifier on the mean-pooled output of the last block.
+  void head(const PlaneGeometry& g, Workspace& W, float* logits) const {
     const int64_t c = fc_w_.size(1), classes = fc_w_.size(0);
     float* pooled = W.ranks[0].pooled_in.data();
-    pooled_means(W, team, c, g.ho * g.wo, pooled);
+    pooled_means(W, W.ranks[0], c, g.ho * g.wo, pooled);
     detail::matvec(fc_w_.data_ptr<float>(), pooled, classes, c, logits);
     const float* bias = fc_b_.data_ptr<float>();
     for (int64_t k = 0; k < classes; ++k) logits[k] += bias[k];
   }
 
   // One gated block (docs/DESIGN.md 3.2) of one instance: x (Cin, H, W) -> out (C, Ho, Wo).
-  // On entry every rank's part of W.out_sums holds the sums of its share of x; on return, of out.
+  // On entry the sums of x are where every rank's GateState says (pooled_means); on return, those
+  // of out.  The convs take their chunks from the counters W.queue(q), W.queue(q + 1) and
+  // W.queue(q + 2).
   //
   // Which barrier orders each read of data another rank wrote after that write:
   //  * x and its sums: written by every rank before the barrier that ended the previous block
@@ -536,11 +590,12 @@ class CpuNetwork : public torch::CustomClassHolder {
   //    barrier 1, read after it by gate 2, conv2 (input with its padding, residual) and
   //    finish_channels (residual).  conv1's sums and planes are written again only in the next
   //    block, after barrier 2.
-  //  * out and its sums: written after barrier 1 (each rank clears its sums only then, when
-  //    every rank has read the sums of x for gate 1), read after barrier 2 by the next block or
-  //    the head.
+  //  * out and its sums (conv2's tile slots, W.rest_sums): written after barrier 1 (when every
+  //    rank has read the sums of x for gate 1), read after barrier 2 by the next block or the
+  //    head.
   void run_block(const BlockWeights& B, const detail::GateParams& g1, const detail::GateParams& g2,
-                 const BlockShape& s, const float* x, float* out, Workspace& W, const Team& T, int32_t* counts) const {
+                 const BlockShape& s, const float* x, float* out, Workspace& W, const Team& T, int32_t* counts,
+                 int64_t q) const {
     GateState& G = W.ranks[T.rank];
     gate1(B, g1, s, W, G, T, counts);
     W.zeroed[T.rank].ensure(W.mid_planes(), s.out_act, T.begin(B.c), T.end(B.c));
@@ -557,33 +612,34 @@ class CpuNetwork : public torch::CustomClassHolder {
       conv_in = W.in_planes();
     }
     // conv1 on the active rows into conv2's planes, and the 1x1 shortcut into out.
-    float* conv1_sums = W.conv1_part(T.rank);
-    std::fill(conv1_sums, conv1_sums + B.c, 0.f);
-    if (G.k1 > 0) detail::gconv_part(conv1_args(B, s, G, W, conv_in), T.rank, T.size, conv1_sums);
-    if (B.has_shortcut()) detail::gconv_part(shortcut_args(B, s, conv_in, out), T.rank, T.size, nullptr);
+    if (G.k1 > 0) {
+      const GConvArgs conv1 = conv1_args(B, s, G, W, conv_in);
+      detail::gconv_team(conv1, W.queue(q), T.size, W.conv1_tiles.data());
+      G.tiles1 = detail::gconv_tiles(conv1);
+    }
+    if (B.has_shortcut()) detail::gconv_team(shortcut_args(B, s, conv_in, out), W.queue(q + 1), T.size, nullptr);
     // Barrier 1: gate 2 reads every rank's conv1 sums; conv2 reads conv1's planes and
     // finish_channels and conv2 the shortcut's output in out, all written by every rank.
     T.barrier();
     gate2(B, g2, s, W, G, T, counts);
-    // conv2 on the active rows and columns, added to the shortcut; the other channels.  The sums
-    // of this rank's share of out go to its part of W.out_sums, by channel.
-    float* sums = W.out_part(T.rank);
-    std::fill(sums, sums + B.c, 0.f);
+    // conv2 on the active rows and columns, added to the shortcut; the other channels.  Their
+    // sums go to conv2's tile slots and to W.rest_sums (pooled_means).
     const float* res = B.has_shortcut() ? out : x;
     if (G.k1 > 0 && G.k2 > 0) {
-      std::fill(G.conv2_sums.begin(), G.conv2_sums.begin() + G.k2, 0.f);
-      detail::gconv_part(conv2_args(B, s, G, W, out, res), T.rank, T.size, G.conv2_sums.data());
-      for (int32_t k = 0; k < G.k2; ++k) sums[G.idx2[k]] = G.conv2_sums[k];
+      const GConvArgs conv2 = conv2_args(B, s, G, W, out, res);
+      detail::gconv_team(conv2, W.queue(q + 2), T.size, W.conv2_tiles.data());
+      G.tiles2 = detail::gconv_tiles(conv2);
     }
-    finish_channels(s, G, out, res, T.begin(G.n_rest), T.end(G.n_rest), sums);
+    finish_channels(s, G, out, res, T.begin(G.n_rest), T.end(G.n_rest), W.rest_sums.data());
+    G.out_sums = GateState::OutSums::kBlock;
     // Barrier 2: the next block (or the head) reads out and the sums of every rank.
     T.barrier();
   }
 
-  // Gate 1 on this rank, from the sums of x that every rank left in W.out_sums.
+  // Gate 1 on this rank, from the sums of x (where G says they are).
   void gate1(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, const Workspace& W,
              GateState& G, const Team& T, int32_t* counts) const {
-    pooled_means(W, T.size, B.cin, s.hw_in(), G.pooled_in.data());
+    pooled_means(W, G, B.cin, s.hw_in(), G.pooled_in.data());
     G.k1 = detail::gate_one(gate, G.pooled_in.data(), G.g1.data(), G.idx1.data(), G.hidden.data());
     if (T.leader()) counts[0] = G.k1;
     const float* b1 = B.b1.data_ptr<float>();
@@ -593,16 +649,12 @@ class CpuNetwork : public torch::CustomClassHolder {
     }
   }
 
-  // Gate 2 on this rank, from the conv1 sums of every rank, added in rank order.
+  // Gate 2 on this rank, from conv1's tile slots, added in tile order.
   void gate2(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, Workspace& W, GateState& G,
              const Team& T, int32_t* counts) const {
     std::fill(G.pooled_mid.begin(), G.pooled_mid.begin() + B.c, 0.f);
     const float inv = 1.f / static_cast<float>(s.hw());
-    for (int32_t j = 0; j < G.k1; ++j) {
-      float acc = 0.f;
-      for (int64_t r = 0; r < T.size; ++r) acc += W.conv1_part(r)[j];
-      G.pooled_mid[G.idx1[j]] = acc * inv;
-    }
+    for (int32_t j = 0; j < G.k1; ++j) G.pooled_mid[G.idx1[j]] = tile_sum(W.conv1_tiles.data(), G.tiles1, G.k1, j) * inv;
     G.k2 = detail::gate_one(gate, G.pooled_mid.data(), G.g2.data(), G.idx2.data(), G.hidden.data());
     if (T.leader()) counts[1] = G.k2;
     std::fill(G.pos.begin(), G.pos.begin() + B.c, -1);

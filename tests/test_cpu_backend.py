@@ -193,6 +193,27 @@ def test_imagenet_stem_max_pool_with_a_nan_pixel():
             assert torch.allclose(engine(x)[1], clean[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch, size", [("dyresnet20", (32, 32)), ("dyresnet18", (64, 64))])
+def test_batch_one_same_bits_for_any_team(arch, size):
+    """At batch 1 the threads take chunks of each conv as they come free, so which thread computes
+    which pixels changes from call to call; the pooled sums are added in a fixed order, so the
+    logits and active sets do not change, whatever the number of threads."""
+    model, x = calibrated(arch, size, 0.5, n=1)
+    engine = compile(model, backend="cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        with torch.no_grad():
+            for t in (2, 1, 2, 3, 2):
+                torch.set_num_threads(t)
+                runs.append(engine(x, return_stats=True))
+    finally:
+        torch.set_num_threads(threads)
+    for logits, stats in runs[1:]:
+        assert torch.equal(logits, runs[0][0])
+        assert torch.equal(stats["active"], runs[0][1]["active"])
+
+
 def test_input_layouts():
     model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
     ref, engs = engines(model, ["auto", "instance"])
