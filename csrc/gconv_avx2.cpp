@@ -51,8 +51,8 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 void gconv_avx2(const GConvArgs& a) { run_gconv(a); }
-void gconv_team_avx2(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
-  run_gconv_team(a, next, team, pooled);
+void gconv_team_avx2(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled) {
+  run_gconv_team(a, states, team, rank, pooled);
 }
 int64_t gconv_tiles_avx2(const GConvArgs& a) { return run_gconv_tiles(a); }
 }  // namespace detail
@@ -64,7 +64,7 @@ namespace manidp {
 namespace detail {
 bool gconv_avx2_supported() { return false; }
 void gconv_avx2(const GConvArgs&) { TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform"); }
-void gconv_team_avx2(const GConvArgs&, std::atomic<int64_t>&, int64_t, float*) {
+void gconv_team_avx2(const GConvArgs&, ChunkCounter*, int64_t, int64_t, float*) {
   TORCH_CHECK(false, "manidp: gconv (AVX2) is not built for this platform");
 }
 int64_t gconv_tiles_avx2(const GConvArgs&) {

@@ -37,8 +37,8 @@ bool gconv_avx512_supported();
 bool gconv_avx2_supported();
 void gconv_avx512(const GConvArgs& a);
 void gconv_avx2(const GConvArgs& a);
-void gconv_team_avx512(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
-void gconv_team_avx2(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
+void gconv_team_avx512(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled);
+void gconv_team_avx2(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled);
 int64_t gconv_tiles_avx512(const GConvArgs& a);
 int64_t gconv_tiles_avx2(const GConvArgs& a);
 
@@ -165,10 +165,10 @@ void gconv(const GConvArgs& a) {
   }
 }
 
-void gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
+void gconv_team(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled) {
   switch (isa()) {
-    case GConvIsa::kAvx512: return gconv_team_avx512(a, next, team, pooled);
-    case GConvIsa::kAvx2: return gconv_team_avx2(a, next, team, pooled);
+    case GConvIsa::kAvx512: return gconv_team_avx512(a, states, team, rank, pooled);
+    case GConvIsa::kAvx2: return gconv_team_avx2(a, states, team, rank, pooled);
     default: TORCH_CHECK(false, "manidp: gconv needs a CPU with AVX-512F or AVX2 + FMA (and MANIDP_GCONV_ISA not off)");
   }
 }

@@ -409,26 +409,42 @@ void run_share(const GConvArgs& a, const Split& s, int64_t u0, int64_t u1, TailP
   run_units(a, s.qmain, u0, u1, has_tail ? &tail : nullptr, pooled);
 }
 
-// Chunks a team of `team` threads shares a conv in: 8 per thread where every chunk still holds
-// a register block's rows of some tiles, else one per thread.  Handed out in order from `next`,
-// so a thread that runs faster (the other vCPU busy, a neighbour on the host) takes more of
-// them instead of waiting for the slower one at the next barrier.
-int64_t team_chunks(const Split& s, int64_t team) {
-  if (team <= 1) return 1;
-  return s.units >= 8 * team * kMR ? 8 * team : team;
+// Chunks per thread of a team sharing a conv: 8 where every chunk still holds a register
+// block's rows of some tiles, else 1.
+int64_t chunks_per_rank(const Split& s, int64_t team) { return team > 1 && s.units >= 8 * team * kMR ? 8 : 1; }
+
+// Takes a chunk of rank `owner`'s run [0, per) from its state: the owner from the front, another
+// rank from the back.  The state packs how many each end has taken (low and high 32 bits).
+// Returns the chunk's index in the run, or -1 when none is left.
+int64_t take_chunk(std::atomic<int64_t>& state, int64_t per, bool front) {
+  int64_t cur = state.load(std::memory_order_relaxed);
+  for (;;) {
+    const int64_t f = cur & 0xffffffff, b = cur >> 32;
+    if (f + b >= per) return -1;
+    const int64_t want = front ? cur + 1 : cur + (int64_t{1} << 32);
+    if (state.compare_exchange_weak(cur, want, std::memory_order_relaxed)) return front ? f : per - 1 - b;
+  }
 }
 
-// This thread's share of the conv run by `team` threads that each call this with the same
-// counter `next` (0 before the first call): it takes chunks until none is left.  Pooled sums go
-// to pooled[tile * m + row] (run_units), run_gconv_tiles(a) x m floats.
-void run_gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled) {
+// This thread's (rank `rank` of `team`) share of the conv run by the team, each of whose
+// threads calls this with the same `states` (team counters, zero before the first call).  Each
+// rank owns an equal-cost run of chunks and computes them front to back, so that a rank keeps
+// the same part of every map, in its own cache, from conv to conv; a rank whose own chunks are
+// done takes the other ranks' last chunks, so a rank that runs faster (the other vCPU busy, a
+// neighbour on the host) does more instead of waiting at the next barrier.  Pooled sums go to
+// pooled[tile * m + row] (run_units), run_gconv_tiles(a) x m floats.
+void run_gconv_team(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled) {
   if (a.m <= 0) return;
   const Split s = split_of(a);
-  const int64_t chunks = team_chunks(s, team);
+  const int64_t per = chunks_per_rank(s, team), chunks = per * team;
   TailPixels tail;
-  for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-       c = next.fetch_add(1, std::memory_order_relaxed))
-    run_share(a, s, part_start(a, s, c, chunks), part_start(a, s, c + 1, chunks), tail, pooled);
+  for (int64_t i = 0; i < team; ++i) {
+    const int64_t owner = (rank + i) % team;
+    for (int64_t c; (c = take_chunk(states[owner].taken, per, i == 0)) >= 0;) {
+      const int64_t chunk = owner * per + c;
+      run_share(a, s, part_start(a, s, chunk, chunks), part_start(a, s, chunk + 1, chunks), tail, pooled);
+    }
+  }
 }
 
 // The whole conv, split across the intra-op threads, then the pooled means (summed over tiles

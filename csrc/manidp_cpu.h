@@ -119,13 +119,19 @@ struct GConvArgs {
 bool gconv_available();
 std::string gconv_isa_name();
 void gconv(const GConvArgs& a);
+// One rank's chunk counter of a conv run by a team (gconv_team), alone in its cache line: the
+// ranks update theirs while the others update their own.
+struct alignas(64) ChunkCounter {
+  std::atomic<int64_t> taken{0};
+};
 // gconv(a) run by a team of `team` threads of the caller's own, each of which calls this with
-// the same counter `next` (0 before the first call) and takes chunks of the conv from it until
-// none is left: together they write every output once, and a faster thread takes more chunks.
+// its rank and the same `states` (team counters, 0 before the first call): each rank computes
+// the chunks of its own equal share, then takes the other ranks' last chunks while any are
+// left.  Together they write every output once, and a faster thread does more.
 // Pooled sums, not divided by the pixel count, go to pooled[tile * m + row] (gconv_tiles(a) x m
 // floats, or null), whose sum over tiles in tile order is the same however the chunks were
 // shared out; a.pooled is ignored.
-void gconv_team(const GConvArgs& a, std::atomic<int64_t>& next, int64_t team, float* pooled);
+void gconv_team(const GConvArgs& a, ChunkCounter* states, int64_t team, int64_t rank, float* pooled);
 int64_t gconv_tiles(const GConvArgs& a);
 
 // Vector helpers (multiversioned).

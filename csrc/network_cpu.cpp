@@ -217,17 +217,17 @@ struct Workspace {
   // share its rows), else one per channel.  Every slot is written by one rank and the slots are
   // added in a fixed order, so the sums do not depend on the team's size.
   AlignedFloats conv1_tiles, conv2_tiles, rest_sums, stem_sums;
-  // One chunk counter per conv of the forward (the stem, then conv1, shortcut and conv2 of each
-  // block), from which the team's ranks take their chunks of it; zero before the forward.
-  std::unique_ptr<std::atomic<int64_t>[]> queues;
+  // Per conv of the forward (the stem, then conv1, shortcut and conv2 of each block), one chunk
+  // counter per rank (detail::gconv_team); zero before the forward.
+  std::unique_ptr<detail::ChunkCounter[]> queues;
   int64_t n_queues = 0;
-  std::atomic<int64_t>& queue(int64_t i) { return queues[i]; }
+  detail::ChunkCounter* queue(int64_t i, int64_t team) { return queues.get() + i * team; }
   void reset_queues(int64_t n) {
     if (n > n_queues) {
-      queues.reset(new std::atomic<int64_t>[n]);
+      queues.reset(new detail::ChunkCounter[n]);
       n_queues = n;
     }
-    for (int64_t i = 0; i < n; ++i) queues[i].store(0, std::memory_order_relaxed);
+    for (int64_t i = 0; i < n; ++i) queues[i].taken.store(0, std::memory_order_relaxed);
   }
 };
 
@@ -329,7 +329,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     };
     if (n == 1 && threads > 1) {
       Lease lease(*this, shapes, threads);
-      lease.get().reset_queues(queue_count());
+      lease.get().reset_queues(queue_count() * threads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
       run(0, lease.get(), Team{omp_get_thread_num(), omp_get_num_threads()});
@@ -534,7 +534,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       // Every rank's share of the stem reads every input channel, packed by all ranks.
       T.barrier();
       const GConvArgs stem = stem_args(g0, W);
-      detail::gconv_team(stem, W.queue(0), T.size, W.conv2_tiles.data());  // rows are channels
+      detail::gconv_team(stem, W.queue(0, T.size), T.size, T.rank, W.conv2_tiles.data());  // rows are channels
       G.out_sums = GateState::OutSums::kStemTiles;
       G.tiles2 = detail::gconv_tiles(stem);
     } else if (stem_maxpool_) {
@@ -571,7 +571,7 @@ class CpuNetwork : public torch::CustomClassHolder {
   // One gated block (docs/DESIGN.md 3.2) of one instance: x (Cin, H, W) -> out (C, Ho, Wo).
   // On entry the sums of x are where every rank's GateState says (pooled_means); on return, those
   // of out.  The convs take their chunks from the counters W.queue(q), W.queue(q + 1) and
-  // W.queue(q + 2).
+  // W.queue(q + 2) (one per rank each).
   //
   // Which barrier orders each read of data another rank wrote after that write:
   //  * x and its sums: written by every rank before the barrier that ended the previous block
@@ -614,10 +614,11 @@ class CpuNetwork : public torch::CustomClassHolder {
     // conv1 on the active rows into conv2's planes, and the 1x1 shortcut into out.
     if (G.k1 > 0) {
       const GConvArgs conv1 = conv1_args(B, s, G, W, conv_in);
-      detail::gconv_team(conv1, W.queue(q), T.size, W.conv1_tiles.data());
+      detail::gconv_team(conv1, W.queue(q, T.size), T.size, T.rank, W.conv1_tiles.data());
       G.tiles1 = detail::gconv_tiles(conv1);
     }
-    if (B.has_shortcut()) detail::gconv_team(shortcut_args(B, s, conv_in, out), W.queue(q + 1), T.size, nullptr);
+    if (B.has_shortcut())
+      detail::gconv_team(shortcut_args(B, s, conv_in, out), W.queue(q + 1, T.size), T.size, T.rank, nullptr);
     // Barrier 1: gate 2 reads every rank's conv1 sums; conv2 reads conv1's planes and
     // finish_channels and conv2 the shortcut's output in out, all written by every rank.
     T.barrier();
@@ -627,7 +628,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     const float* res = B.has_shortcut() ? out : x;
     if (G.k1 > 0 && G.k2 > 0) {
       const GConvArgs conv2 = conv2_args(B, s, G, W, out, res);
-      detail::gconv_team(conv2, W.queue(q + 2), T.size, W.conv2_tiles.data());
+      detail::gconv_team(conv2, W.queue(q + 2, T.size), T.size, T.rank, W.conv2_tiles.data());
       G.tiles2 = detail::gconv_tiles(conv2);
     }
     finish_channels(s, G, out, res, T.begin(G.n_rest), T.end(G.n_rest), W.rest_sums.data());
