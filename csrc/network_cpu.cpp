@@ -317,7 +317,8 @@ class CpuNetwork : public torch::CustomClassHolder {
     const int64_t n = h0.size(0);
     const StemMap sm{h0.size(2), h0.size(3)};
     const std::vector<BlockShape> shapes =
-        stem_maxpool_ ? block_shapes(pooled_size(sm.h), pooled_size(sm.w)) : block_shapes(sm.h, sm.w);
+        stem_maxpool_ ? block_shapes(conv_out_size(sm.h, 3, 2, 1), conv_out_size(sm.w, 3, 2, 1))  // the max-pool
+                      : block_shapes(sm.h, sm.w);
     const std::vector<detail::GateParams> gates = current_gates();
     at::Tensor logits = at::empty({n, fc_w_.size(0)}, x.options());
     at::Tensor counts = at::empty({n, 2 * static_cast<int64_t>(blocks_.size())}, x.options().dtype(at::kInt));
@@ -437,11 +438,10 @@ class CpuNetwork : public torch::CustomClassHolder {
   // The chunk counters of one forward: the stem, then conv1, the shortcut and conv2 per block.
   int64_t queue_count() const { return 1 + 3 * static_cast<int64_t>(blocks_.size()); }
 
-  // The stem's output map before the max-pool (h, w), and the max-pool's output size.
+  // The stem's output map before the max-pool (h, w).
   struct StemMap {
     int64_t h = 0, w = 0;
   };
-  static int64_t pooled_size(int64_t n) { return (n - 1) / 2 + 1; }  // kernel 3, stride 2, padding 1
 
   std::vector<BlockShape> block_shapes(int64_t h, int64_t w) const {
     std::vector<BlockShape> shapes;
@@ -540,7 +540,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     } else if (stem_maxpool_) {
       W.zeroed[T.rank].ensure(W.act(1), g0, T.begin(c0), T.end(c0));
       detail::pool_relu_pack(x, sm.h, sm.w, c0, g0, T.begin(g0.h), T.end(g0.h), W.act(1), sums,
-                             W.ranks[T.rank].pool_row.data());
+                             G.pool_row.data());
     } else {
       const int64_t j0 = T.begin(c0), j1 = T.end(c0);
       detail::pack_planes(g0, x + j0 * hw0, hw0, j1 - j0, W.act(1) + j0 * g0.cstride);
