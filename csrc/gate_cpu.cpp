@@ -29,28 +29,44 @@ MANIDP_MULTIVERSION void matvec(const float* w, const float* x, int64_t rows, in
   }
 }
 
+// Columns whose x is exactly zero add nothing (the weights are finite: the engine rejects others),
+// so their weights are never read.  A gate's inputs are often zero: gate 2 pools conv1's output,
+// whose closed channels are zero, and fc2 reads fc1's rectified output.  On the late layers
+// of ImageNet networks the gates' weights do not stay in L2, so skipped columns are skipped
+// memory traffic on every rank's critical path (docs/DESIGN.md 7.7).
 MANIDP_MULTIVERSION void matvec_t(const float* wt, const float* x, int64_t rows, int64_t cols, float* y) {
-  constexpr int64_t kChunk = 64;  // outputs accumulated at once: four AVX-512 registers
-  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
-    const int64_t n = std::min(kChunk, rows - r0);
-    float acc[kChunk] = {};
-    int64_t i = 0;
-    // Four columns per pass: the accumulators (which the compiler may keep in memory) are read
-    // and written once per four FMAs, not once per FMA.
-    for (; i + 4 <= cols; i += 4) {
-      const float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-      const float* w0 = wt + i * rows + r0;
-      const float *w1 = w0 + rows, *w2 = w1 + rows, *w3 = w2 + rows;
+  constexpr int64_t kChunk = 64;   // outputs accumulated at once: four AVX-512 registers
+  constexpr int64_t kCols = 256;   // columns whose nonzero ids are listed at once
+  int32_t nz[kCols];
+  std::fill(y, y + rows, 0.f);
+  for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
+    int64_t nnz = 0;
+    for (int64_t i = c0; i < std::min(c0 + kCols, cols); ++i)
+      if (x[i] != 0.f) nz[nnz++] = static_cast<int32_t>(i);  // NaN != 0: kept, and propagates
+    if (nnz == 0) continue;
+    for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+      const int64_t n = std::min(kChunk, rows - r0);
+      float acc[kChunk];
+      std::copy(y + r0, y + r0 + n, acc);
+      int64_t k = 0;
+      // Four columns per pass: the accumulators (which the compiler may keep in memory) are read
+      // and written once per four FMAs, not once per FMA.
+      for (; k + 4 <= nnz; k += 4) {
+        const int64_t i0 = nz[k], i1 = nz[k + 1], i2 = nz[k + 2], i3 = nz[k + 3];
+        const float x0 = x[i0], x1 = x[i1], x2 = x[i2], x3 = x[i3];
+        const float *w0 = wt + i0 * rows + r0, *w1 = wt + i1 * rows + r0;
+        const float *w2 = wt + i2 * rows + r0, *w3 = wt + i3 * rows + r0;
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) acc[r] += (w0[r] * x0 + w1[r] * x1) + (w2[r] * x2 + w3[r] * x3);
-    }
-    for (; i < cols; ++i) {
-      const float xi = x[i];
-      const float* w = wt + i * rows + r0;
+        for (int64_t r = 0; r < n; ++r) acc[r] += (w0[r] * x0 + w1[r] * x1) + (w2[r] * x2 + w3[r] * x3);
+      }
+      for (; k < nnz; ++k) {
+        const float xi = x[nz[k]];
+        const float* w = wt + nz[k] * rows + r0;
 #pragma omp simd
-      for (int64_t r = 0; r < n; ++r) acc[r] += w[r] * xi;
+        for (int64_t r = 0; r < n; ++r) acc[r] += w[r] * xi;
+      }
+      std::copy(acc, acc + n, y + r0);
     }
-    std::copy(acc, acc + n, y + r0);
   }
 }
 

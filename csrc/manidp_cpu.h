@@ -137,7 +137,8 @@ int64_t gconv_tiles(const GConvArgs& a);
 // Vector helpers (multiversioned).
 float dot(const float* a, const float* b, int64_t n);
 void matvec(const float* w, const float* x, int64_t rows, int64_t cols, float* y);
-// y = W x from W's transpose wt (cols, rows), row-major.
+// y = W x from W's transpose wt (cols, rows), row-major; the columns where x is zero are skipped
+// (W finite).
 void matvec_t(const float* wt, const float* x, int64_t rows, int64_t cols, float* y);
 float sum(const float* a, int64_t n);
 // out[ch] = max of y[(iy * wy + ix) * c + ch] over iy in [iy0, iy1), ix in [ix0, ix1) (NaN wins).
