@@ -266,35 +266,76 @@ MANIDP_GCONV_TARGET void tail_dot(const float* w, const float* col, int64_t k, f
   }
 }
 
-// Pixels [q0, q0 + np) of output row m, np <= kTailPixels, as dot products along K with their
-// patches `col` (np x k floats).  The row's weights come contiguous along K (conv2's active
-// columns gathered into `wbuf`, k floats), so every load is a whole vector and each weight
-// vector serves all np pixels.
-MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* col, int np, int64_t q0,
-                                  float* wbuf, float* pooled) {
-  const int64_t k = a.nch * a.taps;
+// The few pixels [q0, qend) of a map just past a multiple of 16 (7 x 7 = 3 * 16 + 1), computed
+// as dot products along K: in the register blocks they would fill a vector of mostly idle lanes
+// that costs as much as a whole vector, here they cost 1/kW of one.  Their input patches are
+// gathered once per conv part; each row's dot products run right after the register block that
+// computed the row's other pixels, while its weights are still in cache (late layers read each
+// weight from memory once per conv: a separate pass over the rows would read them twice).
+//
+// Each patch runs along the weight row so that every load is a whole vector and each weight
+// vector serves all np pixels.  conv2 reads only its active columns cols[j] of a row.  Where
+// they are at least half the row, the patches span the whole row (k = ldw), zero in the
+// inactive channels' places, and the dot products read each row in place: copying a row's
+// active columns together, K copies of 9 floats, cost more than the zero products this adds.
+// With fewer active columns each row's are copied together into `wbuf` (k = K x taps).
+struct TailPixels {
+  int64_t q0 = 0;
+  int np = 0;                    // 1..kTailPixels
+  int64_t k = 0;                 // floats per patch
+  bool whole_rows = false;       // patches along the whole weight row (cols given, k = ldw)
+  std::vector<float> col, wbuf;  // the pixels' patches (np x k); one row's gathered weights
+};
+
+void gather_tail(const GConvArgs& a, int64_t q0, int64_t qend, TailPixels& tp) {
+  const PlaneGeometry& g = a.geom;
+  tp.q0 = q0;
+  tp.np = static_cast<int>(qend - q0);
+  tp.whole_rows = a.cols && 2 * a.nch * a.taps >= a.ldw;
+  tp.k = tp.whole_rows ? a.ldw : a.nch * a.taps;
+  tp.col.assign(tp.np * tp.k, 0.f);
+  tp.wbuf.resize(a.cols && !tp.whole_rows ? tp.k : 0);
+  for (int p = 0; p < tp.np; ++p) {
+    const int64_t q = q0 + p, ox = q % g.wo;
+    float* patch = tp.col.data() + p * tp.k;
+    for (int i = 0; i < a.taps; ++i) {
+      const int t = a.taps == 1 ? 4 : i, kx = t % 3;
+      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
+      if (pad) continue;  // zero: the tap reads the padding
+      for (int64_t j = 0; j < a.nch; ++j) {
+        const int64_t c = tp.whole_rows ? a.cols[j] : j;  // active lists hold each channel once
+        patch[c * a.taps + i] = a.in[j * g.cstride + g.toff[t] + q];
+      }
+    }
+  }
+}
+
+// Pixels [tp.q0, tp.q0 + tp.np) of output row m, as dot products of the row's weights with the
+// patches, then the epilogue.
+MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, TailPixels& tp, float* pooled) {
   const float* w = a.weight + static_cast<int64_t>(a.rows[m]) * a.ldw;
-  if (a.cols) {  // fixed-size copies, which the compiler inlines: a library call per 9 floats costs more
+  if (a.cols && !tp.whole_rows) {  // fixed-size copies, which the compiler inlines: a library call per 9 floats costs more
     for (int64_t j = 0; j < a.nch; ++j) {
       const float* src = w + static_cast<int64_t>(a.cols[j]) * a.taps;
       if (a.taps == 9)
-        std::memcpy(wbuf + j * 9, src, 9 * sizeof(float));
+        std::memcpy(tp.wbuf.data() + j * 9, src, 9 * sizeof(float));
       else
-        std::copy_n(src, a.taps, wbuf + j * a.taps);
+        std::copy_n(src, a.taps, tp.wbuf.data() + j * a.taps);
     }
-    w = wbuf;
+    w = tp.wbuf.data();
   }
+  const float* col = tp.col.data();
   float sums[kTailPixels];
-  switch (np) {
-    case 1: tail_dot<1>(w, col, k, sums); break;
-    case 2: tail_dot<2>(w, col, k, sums); break;
-    case 3: tail_dot<3>(w, col, k, sums); break;
-    default: tail_dot<4>(w, col, k, sums); break;
+  switch (tp.np) {
+    case 1: tail_dot<1>(w, col, tp.k, sums); break;
+    case 2: tail_dot<2>(w, col, tp.k, sums); break;
+    case 3: tail_dot<3>(w, col, tp.k, sums); break;
+    default: tail_dot<4>(w, col, tp.k, sums); break;
   }
   const int64_t chan = (a.out_chans ? static_cast<int64_t>(a.out_chans[m]) : m) * a.out_chan_stride;
-  for (int p = 0; p < np; ++p) {
+  for (int p = 0; p < tp.np; ++p) {
     float y = (a.scale ? a.scale[m] : 1.f) * (sums[p] + a.bias[m]);
-    float* dst = a.out + chan + a.out_offset + q0 + p;
+    float* dst = a.out + chan + a.out_offset + tp.q0 + p;
     if (a.residual) y += a.residual[dst - a.out];
     if (a.relu) y = y < 0.f ? 0.f : y;  // NaN passes through, as torch.relu
     *dst = y;
@@ -302,38 +343,8 @@ MANIDP_GCONV_TARGET void tail_row(const GConvArgs& a, int64_t m, const float* co
   }
 }
 
-// The few pixels [q0, qend) of a map just past a multiple of 16 (7 x 7 = 3 * 16 + 1), computed
-// as dot products along K: in the register blocks they would fill a vector of mostly idle lanes
-// that costs as much as a whole vector, here they cost 1/kW of one.  Their input patches are
-// gathered once per conv part; each row's dot products run right after the register block that
-// computed the row's other pixels, while its weights are still in cache (late layers read each
-// weight from memory once per conv: a separate pass over the rows would read them twice).
-struct TailPixels {
-  int64_t q0 = 0;
-  int np = 0;                    // 1..kTailPixels
-  std::vector<float> col, wbuf;  // the pixels' patches (np x K); one row's gathered weights (conv2)
-};
-
-void gather_tail(const GConvArgs& a, int64_t q0, int64_t qend, TailPixels& tp) {
-  const PlaneGeometry& g = a.geom;
-  const int64_t k = a.nch * a.taps;
-  tp.q0 = q0;
-  tp.np = static_cast<int>(qend - q0);
-  tp.col.assign(tp.np * k, 0.f);
-  tp.wbuf.resize(a.cols ? k : 0);
-  for (int p = 0; p < tp.np; ++p) {
-    const int64_t q = q0 + p, ox = q % g.wo;
-    for (int i = 0; i < a.taps; ++i) {
-      const int t = a.taps == 1 ? 4 : i, kx = t % 3;
-      const bool pad = (kx == 0 && ox == 0) || (kx == 2 && g.stride == 1 && ox == g.wo - 1);
-      if (pad) continue;  // zero: the tap reads the padding
-      for (int64_t j = 0; j < a.nch; ++j) tp.col[p * k + j * a.taps + i] = a.in[j * g.cstride + g.toff[t] + q];
-    }
-  }
-}
-
 void tail_rows(const GConvArgs& a, TailPixels& tp, int64_t m0, int64_t m1, float* pooled) {
-  for (int64_t m = m0; m < m1; ++m) tail_row(a, m, tp.col.data(), tp.np, tp.q0, tp.wbuf.data(), pooled);
+  for (int64_t m = m0; m < m1; ++m) tail_row(a, m, tp, pooled);
 }
 
 // Rows [r0, r1) of the tile at q0 in register blocks of at most kMR rows, as equal as possible

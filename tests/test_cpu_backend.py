@@ -175,6 +175,23 @@ def test_cifar_tail_pixels_and_uneven_tiles(size):
         check(engine, x[:1], want1)
 
 
+# conv2's tail pixels read each weight row in place where its active columns are at least half
+# the row, and copy those columns together where they are fewer (docs/DESIGN.md 7.6): 14 x 14
+# and 7 x 7 maps with about 30% and 80% of the channels kept take both ways.
+@pytest.mark.parametrize("keep", [0.3, 0.8])
+def test_tail_pixels_with_few_and_many_active_columns(keep):
+    model, x = calibrated("dyresnet20", (28, 28), keep, n=2)
+    ref, engs = engines(model)
+    want = expected(model, ref, x)
+    want1 = expected(model, ref, x[:1])
+    columns = want[1]["active"][:, 0::2][:, 3:]  # conv2's active columns, 14 x 14 and 7 x 7 stages
+    half_or_more = 2 * columns >= torch.tensor([32] * 3 + [64] * 3)
+    assert (half_or_more if keep > 0.5 else ~half_or_more).any()
+    for engine in engs.values():
+        check(engine, x, want)
+        check(engine, x[:1], want1)
+
+
 def test_imagenet_stem_max_pool_with_a_nan_pixel():
     """The one-call network max-pools the stem itself; an image with a NaN pixel gives the
     reference's logits and counts, and leaves the other image of the batch alone."""
