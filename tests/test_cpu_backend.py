@@ -231,6 +231,27 @@ def test_batch_one_same_bits_for_any_team(arch, size):
         assert torch.equal(stats["active"], runs[0][1]["active"])
 
 
+def test_batch_runs_each_instance_as_alone():
+    """At batch > 1 the threads share out the instances (docs/DESIGN.md 7.7); every instance keeps
+    its own maps, sums and active sets, so its logits and counts are the bits it gets alone,
+    whatever the batch and the number of threads."""
+    model, x = calibrated("dyresnet20", (16, 16), 0.5, n=11)
+    engine = compile(model, backend="cpu")
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            alone = [engine(x[i : i + 1], return_stats=True) for i in range(len(x))]
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                for n in (5, 11):
+                    logits, stats = engine(x[:n], return_stats=True)
+                    assert torch.equal(logits, torch.cat([a[0] for a in alone[:n]]))
+                    assert torch.equal(stats["active"], torch.cat([a[1]["active"] for a in alone[:n]]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_input_layouts():
     model, x = calibrated("dyresnet34", (40, 36), 0.5, n=2)
     ref, engs = engines(model, ["auto", "instance"])
