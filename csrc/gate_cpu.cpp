@@ -41,8 +41,12 @@ MANIDP_MULTIVERSION void matvec_t(const float* wt, const float* x, int64_t rows,
   std::fill(y, y + rows, 0.f);
   for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
     int64_t nnz = 0;
-    for (int64_t i = c0; i < std::min(c0 + kCols, cols); ++i)
-      if (x[i] != 0.f) nz[nnz++] = static_cast<int32_t>(i);  // NaN != 0: kept, and propagates
+    // Without a branch: which inputs are zero changes from call to call, and a mispredicted
+    // branch per column would cost more than a small layer's products.
+    for (int64_t i = c0; i < std::min(c0 + kCols, cols); ++i) {
+      nz[nnz] = static_cast<int32_t>(i);
+      nnz += x[i] != 0.f;  // NaN != 0: kept, and propagates
+    }
     if (nnz == 0) continue;
     for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
       const int64_t n = std::min(kChunk, rows - r0);
