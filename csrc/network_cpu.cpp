@@ -189,6 +189,7 @@ using AlignedFloats = std::vector<float, Aligned64<float>>;
 // must, as they split the convs by them.
 struct GateState {
   AlignedFloats pooled_in, pooled_mid, g1, g2, hidden, s1, bias1, s2, bias2;
+  AlignedFloats in_sums;  // the sums of the block input's channels, from which pooled_in is divided
   std::vector<int32_t> idx1, idx2, pos;
   std::vector<int32_t> rest;  // the channels conv2 does not write (finish_channels), ascending
   int32_t k1 = 0, k2 = 0, n_rest = 0;
@@ -245,8 +246,9 @@ float tile_sum(const float* slots, int64_t tiles, int64_t m, int64_t row) {
 
 // dst[ch] = mean over the map of channel ch, ch < c, of the map of hw pixels whose sums G says
 // where to find, each added in a fixed order: every rank that calls this gets the same bits, and
-// the same whichever rank computed which chunk.
-void pooled_means(const Workspace& W, const GateState& G, int64_t c, int64_t hw, float* dst) {
+// the same whichever rank computed which chunk.  The sums themselves go to sums_dst, if given.
+void pooled_means(const Workspace& W, const GateState& G, int64_t c, int64_t hw, float* dst,
+                  float* sums_dst = nullptr) {
   const float n = static_cast<float>(hw);
   for (int64_t ch = 0; ch < c; ++ch) {
     float acc = 0.f;
@@ -262,6 +264,7 @@ void pooled_means(const Workspace& W, const GateState& G, int64_t c, int64_t hw,
         break;
     }
     dst[ch] = acc / n;
+    if (sums_dst) sums_dst[ch] = acc;
   }
 }
 
@@ -491,7 +494,7 @@ class CpuNetwork : public torch::CustomClassHolder {
     grow(W.zeroed, team);
     for (int64_t r = 0; r < team; ++r) {
       GateState& G = W.ranks[r];
-      for (auto* v : {&G.pooled_in, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2})
+      for (auto* v : {&G.pooled_in, &G.in_sums, &G.pooled_mid, &G.g1, &G.g2, &G.s1, &G.bias1, &G.s2, &G.bias2})
         grow(*v, widest);
       grow(G.hidden, hidden);
       if (stem_maxpool_) grow(G.pool_row, stem_w_.size(0) * shapes.front().in_act.w);
@@ -548,8 +551,12 @@ class CpuNetwork : public torch::CustomClassHolder {
     }
     // The first block reads the stem output planes and the sums of every rank.
     T.barrier();
+    // A block with an identity shortcut writes its output over its input (run_block); the
+    // others write the other activation buffer.
+    int cur = 1;
     for (size_t b = 0; b < blocks_.size(); ++b) {
-      float* out = W.act(b % 2);
+      if (blocks_[b].has_shortcut()) cur = 1 - cur;
+      float* out = W.act(cur);
       run_block(blocks_[b], gates[2 * b], gates[2 * b + 1], shapes[b], in, out, W, T, counts + 2 * b, 1 + 3 * b);
       in = out;
     }
@@ -571,13 +578,17 @@ class CpuNetwork : public torch::CustomClassHolder {
   // One gated block (docs/DESIGN.md 3.2) of one instance: x (Cin, H, W) -> out (C, Ho, Wo).
   // On entry the sums of x are where every rank's GateState says (pooled_means); on return, those
   // of out.  The convs take their chunks from the counters W.queue(q), W.queue(q + 1) and
-  // W.queue(q + 2) (one per rank each).
+  // W.queue(q + 2) (one per rank each).  With an identity shortcut, out may be x itself
+  // (run_instance): the channels gate 2 closes then stay as they are (finish_channels), and conv2
+  // writes the others over the residual it reads.
   //
   // Which barrier orders each read of data another rank wrote after that write:
   //  * x and its sums: written by every rank before the barrier that ended the previous block
   //    (or the stem); read here by gate 1, the repack, conv1, the shortcut and (identity
   //    shortcut) conv2 and finish_channels as the residual.  Nothing in this block writes them
-  //    before barrier 1, and x not at all.
+  //    before barrier 1.  When out is x, conv2 and finish_channels write x after barrier 1, when
+  //    conv1, its last reader at other pixels, is done; each pixel a rank writes there is one it
+  //    alone reads, as that output's residual, just before.
   //  * out, conv2's input planes and the phase planes: their last readers (the previous block,
   //    or an earlier one for the phase planes, or the stem) finished before the barrier that
   //    ended the previous block, so this block may write them at once.  Each rank zeroes the
@@ -631,7 +642,7 @@ class CpuNetwork : public torch::CustomClassHolder {
       detail::gconv_team(conv2, W.queue(q + 2, T.size), T.size, T.rank, W.conv2_tiles.data());
       G.tiles2 = detail::gconv_tiles(conv2);
     }
-    finish_channels(s, G, out, res, T.begin(G.n_rest), T.end(G.n_rest), W.rest_sums.data());
+    finish_channels(s, G, out, res, out == x, T.begin(G.n_rest), T.end(G.n_rest), W.rest_sums.data());
     G.out_sums = GateState::OutSums::kBlock;
     // Barrier 2: the next block (or the head) reads out and the sums of every rank.
     T.barrier();
@@ -640,7 +651,7 @@ class CpuNetwork : public torch::CustomClassHolder {
   // Gate 1 on this rank, from the sums of x (where G says they are).
   void gate1(const BlockWeights& B, const detail::GateParams& gate, const BlockShape& s, const Workspace& W,
              GateState& G, const Team& T, int32_t* counts) const {
-    pooled_means(W, G, B.cin, s.hw_in(), G.pooled_in.data());
+    pooled_means(W, G, B.cin, s.hw_in(), G.pooled_in.data(), G.in_sums.data());
     G.k1 = detail::gate_one(gate, G.pooled_in.data(), G.g1.data(), G.idx1.data(), G.hidden.data());
     if (T.leader()) counts[0] = G.k1;
     const float* b1 = B.b1.data_ptr<float>();
@@ -751,13 +762,19 @@ class CpuNetwork : public torch::CustomClassHolder {
   // Entries [i0, i1) of G.rest, the channels conv2 did not write: relu(res) where gate 2 is
   // closed, and relu(res + g2 * b2) where it is open but conv2 had no input channel (k1 == 0);
   // their sums go to sums[ch].  The ranks split this list, not the channel range, so that each
-  // gets as many of these channels as the other whichever channels the gate closed.
-  void finish_channels(const BlockShape& s, const GateState& G, float* out, const float* res, int64_t i0, int64_t i1,
-                       float* sums) const {
+  // gets as many of these channels as the other whichever channels the gate closed.  In place
+  // (out is the block input and res) where nothing is added, the channel is already relu(res),
+  // since every block input is a ReLU's output, and its sum is the input's, which gate 1 pooled.
+  void finish_channels(const BlockShape& s, const GateState& G, float* out, const float* res, bool in_place,
+                       int64_t i0, int64_t i1, float* sums) const {
     const int64_t hw = s.hw(), cs = s.out_act.cstride, off = data_offset(s.out_act);
     for (int64_t i = i0; i < i1; ++i) {
       const int32_t ch = G.rest[i], k = G.pos[ch];
       const float add = k >= 0 ? G.s2[k] * G.bias2[k] : 0.f;
+      if (in_place && add == 0.f) {
+        sums[ch] = G.in_sums[ch];
+        continue;
+      }
       float* o = out + ch * cs + off;
       const float* r = res + ch * cs + off;
       for (int64_t i = 0; i < hw; ++i) {
