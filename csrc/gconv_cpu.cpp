@@ -119,6 +119,26 @@ void pack_planes(const PlaneGeometry& g, const float* x, int64_t nch, float* buf
   pack_planes(g, x, g.h * g.w, nch, buf);
 }
 
+// One channel's map (g.h, g.w) into its four phase planes at dst (zeroed), for a stride-2 conv.
+MANIDP_MULTIVERSION static void pack_phases(const PlaneGeometry& g, const float* __restrict src,
+                                            float* __restrict dst) {
+  const int64_t pairs = g.w / 2;
+  for (int64_t iy = 0; iy < g.h; ++iy) {
+    // padded row py = iy + 1: even rows go to row plane 0 (whose row 0 is the top padding),
+    // odd rows to row plane 1, at row py / 2
+    const int64_t py = iy + 1, rp = py & 1, i = py >> 1;
+    float* b0 = dst + (rp * 2) * g.psize + 1 + i * g.wo;  // odd input columns
+    float* b1 = b0 + g.psize;                             // even input columns
+    const float* s = src + iy * g.w;
+#pragma omp simd
+    for (int64_t jx = 0; jx < pairs; ++jx) {
+      b1[jx] = s[2 * jx];
+      b0[jx] = s[2 * jx + 1];
+    }
+    if (g.w % 2) b1[pairs] = s[g.w - 1];
+  }
+}
+
 void pack_planes(const PlaneGeometry& g, const float* x, int64_t x_cstride, int64_t nch, float* buf) {
   // Chunks of at least ~32K floats: below that a thread hand-off costs more than the copy.
   at::parallel_for(0, nch, std::max<int64_t>(1, 32768 / g.cstride), [&](int64_t j0, int64_t j1) {
@@ -126,20 +146,10 @@ void pack_planes(const PlaneGeometry& g, const float* x, int64_t x_cstride, int6
       float* dst = buf + j * g.cstride;
       const float* src = x + j * x_cstride;
       std::memset(dst, 0, g.cstride * sizeof(float));
-      if (g.stride == 1) {
+      if (g.stride == 1)
         std::memcpy(dst + 1 + g.w, src, g.h * g.w * sizeof(float));  // rows are contiguous
-        continue;
-      }
-      for (int64_t iy = 0; iy < g.h; ++iy) {
-        // padded row py = iy + 1: even rows go to row plane 0 (whose row 0 is the top padding),
-        // odd rows to row plane 1, at row py / 2
-        const int64_t py = iy + 1, rp = py & 1, i = py >> 1;
-        float* b0 = dst + (rp * 2) * g.psize + 1 + i * g.wo;  // odd input columns
-        float* b1 = b0 + g.psize;                             // even input columns
-        const float* s = src + iy * g.w;
-        for (int64_t jx = 0; 2 * jx < g.w; ++jx) b1[jx] = s[2 * jx];
-        for (int64_t jx = 0; 2 * jx + 1 < g.w; ++jx) b0[jx] = s[2 * jx + 1];
-      }
+      else
+        pack_phases(g, src, dst);
     }
   });
 }
